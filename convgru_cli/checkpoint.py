@@ -1,0 +1,49 @@
+"""Checkpoints: weights plus plain data, written atomically, read with ``weights_only=True``.
+
+A checkpoint never runs code when loaded, and a crash while writing one leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+
+from convgru_cli import __version__
+from convgru_cli.errors import UserError
+from convgru_cli.files import write_atomically
+
+FORMAT = "convgru-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save(path: str, contents: dict) -> None:
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "software_version": __version__, **contents}
+    write_atomically(path, lambda file: torch.save(payload, file))
+
+
+def load(path: str, map_location: str | torch.device = "cpu") -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for damaged or foreign files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path}: not a readable convgru checkpoint ({reason[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path}: not a convgru checkpoint")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{path}: checkpoint format {payload.get('format_version')} is not supported by convgru "
+            f"{__version__} (which reads format {FORMAT_VERSION})"
+        )
+    return payload
+
+
+def newest_best(pattern: str = os.path.join("runs", "*", "best.pt")) -> str:
+    """The most recently written best checkpoint under runs/, the default for predict and evaluate."""
+    found = glob.glob(pattern)
+    if not found:
+        raise UserError(f"no checkpoint given and none found at {pattern}; train one or pass --checkpoint")
+    return max(found, key=os.path.getmtime)

@@ -1,0 +1,294 @@
+"""HDF5 frame sequences: opening, layout, windows, splits and normalisation.
+
+Frames are handed out as [T, C, H, W] windows in the file's own dtype (uint8 stays uint8 until it is on the
+device). A file that fits the cache limit is read once into memory; a larger one is read window by window
+with h5py slices, each DataLoader worker opening its own handle.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import h5py
+import numpy as np
+import torch
+
+from convgru_cli.errors import UserError
+
+LAYOUTS_BY_RANK = {3: "THW", 4: "NTHW", 5: "NTCHW"}
+NOT_FRAMES = {"mask", "timestamps", "lead_times"}
+CACHE_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How windows are cut from a file; stored in checkpoints so evaluation repeats the same split."""
+
+    dataset: str
+    layout: str
+    input_frames: int = 10
+    output_frames: int = 10
+    stride: int = 1
+    val_fraction: float = 0.1
+
+    @property
+    def window(self) -> int:
+        return self.input_frames + self.output_frames
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def open_hdf5(path: str | None) -> h5py.File:
+    """Open a file for reading; ``None`` or ``"-"`` reads an HDF5 file piped in on standard input."""
+    if path in (None, "-"):
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UserError("no input file given and standard input is a terminal: name an HDF5 file or pipe one in")
+        data = sys.stdin.buffer.read()
+        if not data:
+            raise UserError("standard input is empty: expected an HDF5 file")
+        try:
+            return h5py.File(io.BytesIO(data), "r")
+        except OSError:
+            raise UserError("standard input is not an HDF5 file") from None
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory, expected an HDF5 file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise UserError(f"{path}: not a readable HDF5 file ({error})") from None
+
+
+def pick_dataset(file: h5py.File, name: str | None) -> str:
+    """The dataset to read: the one named, or the only frame-like dataset in the file."""
+    label = file.filename if isinstance(file.filename, str) else "input"
+    if name:
+        if name not in file or not isinstance(file[name], h5py.Dataset):
+            raise UserError(f"{label}: no dataset {name!r} (datasets: {', '.join(_datasets(file)) or 'none'})")
+        return name
+    candidates = [n for n in _datasets(file) if file[n].ndim >= 3 and n.rsplit("/", 1)[-1] not in NOT_FRAMES]
+    if len(candidates) != 1:
+        found = ", ".join(candidates) or "none of rank 3 or more"
+        raise UserError(f"{label}: cannot tell which dataset holds the frames ({found}); name it with --dataset")
+    return candidates[0]
+
+
+def _datasets(file: h5py.File) -> list[str]:
+    names: list[str] = []
+    file.visititems(lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset) else None)
+    return names
+
+
+def resolve_layout(shape: tuple[int, ...], layout: str | None, label: str) -> str:
+    """The layout letters for a dataset: the one given (checked against the rank), or the usual one."""
+    if layout:
+        layout = layout.upper()
+        if sorted(layout) not in (sorted("THW"), sorted("TCHW"), sorted("NTHW"), sorted("NTCHW")):
+            raise UserError(f"--layout {layout}: use the letters N, T, C, H, W, e.g. NTHW, NTCHW, THW, TCHW, NHWT")
+        if len(layout) != len(shape):
+            raise UserError(f"{label}: layout {layout} has {len(layout)} axes but the dataset has shape {shape}")
+        return layout
+    if len(shape) not in LAYOUTS_BY_RANK:
+        raise UserError(f"{label}: dataset of shape {shape} is not a frame sequence (expected rank 3, 4 or 5)")
+    return LAYOUTS_BY_RANK[len(shape)]
+
+
+class Frames:
+    """A frame dataset seen as sequences of [T, C, H, W] frames, whatever its layout on disk."""
+
+    def __init__(self, file: h5py.File, dataset: str, layout: str | None = None, cache: bool | None = None):
+        source = file[dataset]
+        self.label = f"{file.filename if isinstance(file.filename, str) else 'input'}:{dataset}"
+        self.layout = resolve_layout(source.shape, layout, self.label)
+        if not (np.issubdtype(source.dtype, np.integer) or np.issubdtype(source.dtype, np.floating)):
+            raise UserError(f"{self.label}: dtype {source.dtype} is not numeric")
+        if source.size == 0:
+            raise UserError(f"{self.label}: dataset is empty (shape {source.shape})")
+        self.dtype = source.dtype
+        sizes = dict(zip(self.layout, source.shape, strict=True))
+        self.sequences = sizes.get("N", 1)
+        self.steps = sizes["T"]
+        self.channels = sizes.get("C", 1)
+        self.height, self.width = sizes["H"], sizes["W"]
+        self.units = str(source.attrs.get("units", file.attrs.get("units", "")))
+        self.timestep_minutes = float(source.attrs.get("timestep_minutes", file.attrs.get("timestep_minutes", 0)))
+        self._path = file.filename if isinstance(file.filename, str) and os.path.exists(file.filename) else None
+        self.dataset = dataset
+        keep_in_memory = source.nbytes <= CACHE_BYTES if cache is None else cache
+        if keep_in_memory or self._path is None:
+            self._array: np.ndarray | h5py.Dataset | None = source[()]
+        else:
+            self._array = None
+        self._pid = os.getpid()
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self._array, np.ndarray)
+
+    @property
+    def is_series(self) -> bool:
+        return "N" not in self.layout
+
+    def _source(self) -> np.ndarray | h5py.Dataset:
+        if self.in_memory:
+            return self._array
+        # Each DataLoader worker opens its own handle: h5py handles must not cross a fork.
+        if self._array is None or self._pid != os.getpid():
+            self._array = h5py.File(self._path, "r")[self.dataset]
+            self._pid = os.getpid()
+        return self._array
+
+    def read(self, sequence: int, start: int, length: int) -> np.ndarray:
+        """Frames [start, start+length) of one sequence as [length, C, H, W] in the stored dtype."""
+        index = tuple(
+            sequence if axis == "N" else slice(start, start + length) if axis == "T" else slice(None)
+            for axis in self.layout
+        )
+        block = self._source()[index]
+        axes = [a for a in self.layout if a != "N"]
+        if "C" not in axes:
+            block = block[..., np.newaxis]
+            axes.append("C")
+        return np.ascontiguousarray(np.transpose(block, [axes.index(a) for a in "TCHW"]))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if isinstance(state["_array"], h5py.Dataset):
+            state["_array"] = None
+        return state
+
+
+def windows(frames: Frames, length: int, stride: int) -> list[tuple[int, int]]:
+    """Every (sequence, start) whose window of ``length`` frames lies inside the data."""
+    if frames.steps < length:
+        raise UserError(
+            f"{frames.label}: sequences have {frames.steps} frames, fewer than the {length} needed "
+            "(input frames + output frames); lower --input-frames/--output-frames"
+        )
+    starts = range(0, frames.steps - length + 1, stride)
+    return [(n, s) for n in range(frames.sequences) for s in starts]
+
+
+def split_windows(frames: Frames, spec: DataSpec) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Training and validation windows that share no frame: the last sequences of a [N, ...] dataset, or
+    the last block of time of a long series, are held out."""
+    every = windows(frames, spec.window, spec.stride)
+    if frames.is_series:
+        cut = math.floor(frames.steps * (1 - spec.val_fraction))
+        train = [w for w in every if w[1] + spec.window <= cut]
+        val = [w for w in every if w[1] >= cut]
+    else:
+        held_out = max(1, math.ceil(frames.sequences * spec.val_fraction)) if spec.val_fraction > 0 else 0
+        first_val = frames.sequences - held_out
+        train = [w for w in every if w[0] < first_val]
+        val = [w for w in every if w[0] >= first_val]
+    if not train:
+        raise UserError(f"{frames.label}: no training window left after holding out {spec.val_fraction:.0%}")
+    if spec.val_fraction > 0 and not val:
+        raise UserError(
+            f"{frames.label}: the held-out {spec.val_fraction:.0%} of the data is too short for one window of "
+            f"{spec.window} frames; raise --val-fraction or lower the frame counts"
+        )
+    return train, val
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    def __init__(self, frames: Frames, window_list: list[tuple[int, int]], length: int):
+        self.frames = frames
+        self.window_list = window_list
+        self.length = length
+
+    def __len__(self) -> int:
+        return len(self.window_list)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        sequence, start = self.window_list[index]
+        return torch.from_numpy(self.frames.read(sequence, start, self.length))
+
+
+@dataclass
+class Normalisation:
+    """x_normalised = (x - offset) / scale per channel; plus what evaluation needs from the training split."""
+
+    offset: list[float]
+    scale: list[float]
+    data_min: float
+    data_max: float
+    dtype: str
+    units: str
+    mean_frame: torch.Tensor  # [C, H, W] in data units: the climatology baseline
+
+    @property
+    def zero_one_scale(self) -> float | None:
+        """Divisor that maps the data onto [0, 1] where that is its natural range (uint8 or 0–1 floats)."""
+        if self.dtype == "uint8":
+            return 255.0
+        if self.data_min >= 0 and self.data_max <= 1:
+            return 1.0
+        return None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch [B, T, C, H, W] of raw frames -> (normalised float32 frames, mask of valid pixels)."""
+        x = x.float()
+        valid = torch.isfinite(x)
+        offset, scale = self._broadcast(x)
+        return torch.where(valid, (x - offset) / scale, 0.0), valid
+
+    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        offset, scale = self._broadcast(x)
+        return x * scale + offset
+
+    def _broadcast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (len(self.offset), 1, 1)
+        offset = torch.tensor(self.offset, device=x.device).view(shape)
+        scale = torch.tensor(self.scale, device=x.device).view(shape)
+        return offset, scale
+
+
+def compute_normalisation(
+    frames: Frames, train: list[tuple[int, int]], length: int, samples: int = 512
+) -> Normalisation:
+    """Statistics of up to ``samples`` training windows spread evenly over the training split."""
+    step = max(1, len(train) // samples)
+    total = np.zeros((frames.channels, frames.height, frames.width))
+    total_sq = np.zeros(frames.channels)
+    count = np.zeros((frames.channels, frames.height, frames.width))
+    data_min, data_max = math.inf, -math.inf
+    for sequence, start in train[::step]:
+        block = frames.read(sequence, start, length).astype(np.float64)
+        if np.isinf(block).any():
+            raise UserError(
+                f"{frames.label}: infinite values in sequence {sequence}, frames {start}..{start + length - 1}"
+            )
+        valid = np.isfinite(block)
+        block = np.where(valid, block, 0.0)
+        total += block.sum(axis=0)
+        total_sq += (block**2).sum(axis=(0, 2, 3))
+        count += valid.sum(axis=0)
+        if valid.any():
+            data_min = min(data_min, float(block[valid].min()))
+            data_max = max(data_max, float(block[valid].max()))
+    if not count.any():
+        raise UserError(f"{frames.label}: the training split holds no valid (finite) value")
+    per_channel = count.sum(axis=(1, 2))
+    mean = total.sum(axis=(1, 2)) / per_channel
+    std = np.sqrt(np.maximum(total_sq / per_channel - mean**2, 0.0))
+    mean_frame = np.where(count > 0, total / np.maximum(count, 1), mean[:, None, None])
+    return Normalisation(
+        offset=mean.tolist(),
+        scale=np.where(std > 1e-8, std, 1.0).tolist(),
+        data_min=data_min,
+        data_max=data_max,
+        dtype=str(frames.dtype),
+        units=frames.units,
+        mean_frame=torch.from_numpy(mean_frame).float(),
+    )

@@ -1,0 +1,81 @@
+"""Choosing the device, the precision and the thread count, with clean fallbacks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+
+import torch
+
+from convgru_cli.errors import UserError
+
+log = logging.getLogger("convgru")
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available here; use --device auto or cpu")
+    elif name == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("--device mps: Apple MPS is not available here; use --device auto or cpu")
+    elif name != "cpu":
+        raise UserError(f"--device {name}: unknown device; choose auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has bf16 matrix instructions (AMX or AVX512-BF16) that oneDNN uses."""
+    if sys.platform != "linux":
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype (float32 means no autocast). auto = bf16 where the hardware runs it fast."""
+    if name not in PRECISIONS:
+        raise UserError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
+    if name == "fp32":
+        return torch.float32
+    if name == "fp16":
+        if device.type not in ("cuda", "mps"):
+            raise UserError("--precision fp16 needs a GPU (cuda or mps); use bf16 or fp32 on the CPU")
+        return torch.float16
+    if device.type == "cuda":
+        fast = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        fast = cpu_has_fast_bf16()
+    else:
+        fast = False
+    if name == "bf16" or fast:
+        return torch.bfloat16
+    log.info("no fast bf16 on this %s: running in fp32", device.type)
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def set_threads(threads: int | None) -> None:
+    """Use the given count; without one PyTorch's default stands (OMP_NUM_THREADS, else the physical cores)."""
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads {threads}: must be at least 1")
+        torch.set_num_threads(threads)

@@ -1,0 +1,49 @@
+"""Writing files so that nothing is lost: a temporary file beside the target, flushed, then renamed."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
+
+import h5py
+
+from convgru_cli.errors import UserError
+
+
+def write_atomically(path: str, write: Callable[[BinaryIO], None], force: bool = True) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place.
+
+    A crash or a full disk at any moment leaves the previous file (or no file) intact."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not force and os.path.exists(path):
+        raise UserError(f"{path}: already exists; use --force to overwrite it")
+    if not os.path.isdir(directory):
+        raise UserError(f"{path}: directory {directory} does not exist")
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+    except OSError as error:
+        raise UserError(f"{path}: cannot write in {directory} ({error.strerror})") from None
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise UserError(f"{path}: writing failed ({error.strerror or error}); nothing was written") from None
+        raise
+
+
+def hdf5_bytes(fill: Callable[[h5py.File], None]) -> bytes:
+    """An HDF5 file built in memory by ``fill``: the same bytes serve a file or standard output."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as file:
+        fill(file)
+    return buffer.getvalue()

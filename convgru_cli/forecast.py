@@ -1,0 +1,149 @@
+"""Forecasting with a trained checkpoint, and writing forecasts as self-describing HDF5."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+
+from convgru_cli import __version__, checkpoint, data
+from convgru_cli.device import autocast, pick_device, pick_precision
+from convgru_cli.errors import UserError
+from convgru_cli.files import hdf5_bytes, write_atomically
+from convgru_cli.model import EncoderForecaster, ModelConfig
+
+
+@dataclass
+class Forecaster:
+    """A trained model with what it needs to turn raw frames into raw-unit forecasts."""
+
+    model: EncoderForecaster
+    normalisation: data.Normalisation
+    spec: data.DataSpec
+    device: torch.device
+    precision: torch.dtype
+    checkpoint_path: str
+
+    @classmethod
+    def load(cls, path: str, device: str = "auto", precision: str = "auto") -> Forecaster:
+        torch_device = pick_device(device)
+        saved = checkpoint.load(path, map_location=torch_device)
+        model = EncoderForecaster(ModelConfig.from_dict(saved["model_config"]))
+        model.load_state_dict(saved["model"])
+        model.to(torch_device).eval()
+        return cls(
+            model=model,
+            normalisation=data.Normalisation(**saved["normalisation"]),
+            spec=data.DataSpec(**saved["data_spec"]),
+            device=torch_device,
+            precision=pick_precision(precision, torch_device),
+            checkpoint_path=path,
+        )
+
+    def check_frames(self, frames: data.Frames) -> None:
+        config = self.model.config
+        if frames.channels != config.channels:
+            raise UserError(
+                f"{frames.label}: {frames.channels} channels, but {self.checkpoint_path} was trained on "
+                f"{config.channels}"
+            )
+        config.check_frame_size(frames.height, frames.width)
+
+    @torch.no_grad()
+    def predict(self, inputs: torch.Tensor, frames: int) -> torch.Tensor:
+        """Raw input frames [B, T, C, H, W] -> forecast [B, frames, C, H, W], float32 in data units."""
+        normalised, _ = self.normalisation.normalise(inputs.to(self.device))
+        with autocast(self.device, self.precision):
+            prediction = self.model(normalised, frames)
+        return self.normalisation.denormalise(prediction.float())
+
+
+def to_layout(forecast: np.ndarray, layout: str) -> np.ndarray:
+    """[N, T, C, H, W] -> the given layout (dropping N for a series and C where the input had none)."""
+    array, axes = forecast, list("NTCHW")
+    for axis in ("N", "C"):
+        if axis not in layout:
+            array = array.take(0, axis=axes.index(axis))
+            axes.remove(axis)
+    return np.transpose(array, [axes.index(a) for a in layout])
+
+
+def forecast_hdf5(forecast: np.ndarray, layout: str, attributes: dict) -> bytes:
+    """The forecast file as bytes: dataset ``forecast`` in the input's layout, plus ``lead_times``."""
+
+    def fill(file: h5py.File) -> None:
+        dataset = file.create_dataset(
+            "forecast", data=to_layout(forecast, layout), compression="gzip", compression_opts=4, shuffle=True
+        )
+        dataset.attrs["layout"] = layout
+        file.create_dataset("lead_times", data=np.arange(1, forecast.shape[1] + 1, dtype=np.int32))
+        for key, value in attributes.items():
+            file.attrs[key] = value
+
+    return hdf5_bytes(fill)
+
+
+def predict_file(
+    data_path: str | None,
+    frames: int,
+    checkpoint_path: str | None = None,
+    output: str | None = None,
+    dataset: str | None = None,
+    layout: str | None = None,
+    start: int | None = None,
+    batch_size: int = 16,
+    force: bool = False,
+    device: str = "auto",
+    precision: str = "auto",
+) -> dict:
+    """Forecast ``frames`` steps after the last input window of every sequence (or the window at ``start``).
+
+    ``data_path`` None reads standard input; ``output`` None writes standard output."""
+    if frames < 1:
+        raise UserError(f"--frames {frames}: must be at least 1")
+    if output is None and sys.stdout.isatty():
+        raise UserError("refusing to write HDF5 to a terminal: use -o FILE or redirect standard output")
+    if output is not None and os.path.exists(output) and not force:
+        raise UserError(f"{output}: already exists; use --force to overwrite it")
+    checkpoint_path = checkpoint_path or checkpoint.newest_best()
+    forecaster = Forecaster.load(checkpoint_path, device, precision)
+    spec = forecaster.spec
+    with data.open_hdf5(data_path) as file:
+        name = data.pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None))
+        source = data.Frames(file, name, layout)
+    forecaster.check_frames(source)
+    first = source.steps - spec.input_frames if start is None else start
+    if first < 0 or first + spec.input_frames > source.steps:
+        raise UserError(
+            f"{source.label}: cannot take {spec.input_frames} input frames from frame {first} of {source.steps}"
+            + ("; use --start" if start is None else "")
+        )
+    outputs = []
+    for begin in range(0, source.sequences, batch_size):
+        batch = np.stack(
+            [source.read(n, first, spec.input_frames) for n in range(begin, min(begin + batch_size, source.sequences))]
+        )
+        outputs.append(forecaster.predict(torch.from_numpy(batch), frames).cpu().numpy())
+    forecast = np.concatenate(outputs)
+    attributes = {
+        "units": source.units,
+        "software": f"convgru {__version__}",
+        "checkpoint": os.path.abspath(checkpoint_path),
+        "input_file": data_path or "<stdin>",
+        "input_dataset": name,
+        "input_frames": f"{first}..{first + spec.input_frames - 1}",
+        "model_config": json.dumps(forecaster.model.config.to_dict()),
+        "timestep_minutes": source.timestep_minutes,
+    }
+    payload = forecast_hdf5(forecast, source.layout, attributes)
+    if output is None:
+        sys.stdout.buffer.write(payload)
+        sys.stdout.buffer.flush()
+    else:
+        write_atomically(output, lambda file: file.write(payload), force=force)
+    return {"output": output or "<stdout>", "checkpoint": checkpoint_path, "shape": list(forecast.shape)}

@@ -1,0 +1,155 @@
+"""Forecast scores per lead time, accumulated batch by batch and mergeable across workers.
+
+Continuous: MSE and MAE per pixel (data units), OpenSTL's per-frame sum of squared errors on [0, 1] data
+(``mse_frame_sum``, the unit of the Moving MNIST tables), SSIM (Gaussian window 11, σ 1.5) and PSNR.
+Categorical, at thresholds in data units: hits, misses, false alarms and correct negatives over all valid
+pixels, from which CSI, POD, FAR, HSS, ETS and frequency bias follow. Undefined scores (a zero
+denominator: no event observed or forecast) are NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+CONTINUOUS = ("mse", "mae", "ssim", "psnr")
+CATEGORICAL = ("csi", "pod", "far", "hss", "ets", "bias")
+
+
+def format_threshold(threshold: float) -> str:
+    return f"{threshold:g}"
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).view(1, 1, size, size)
+
+
+def ssim_per_frame(prediction: torch.Tensor, truth: torch.Tensor, data_range: float) -> torch.Tensor:
+    """Mean SSIM of each [H, W] image of [..., H, W] inputs, over the region the window fully covers."""
+    shape = prediction.shape[:-2]
+    x = prediction.reshape(-1, 1, *prediction.shape[-2:]).double()
+    y = truth.reshape(-1, 1, *truth.shape[-2:]).double()
+    window = _gaussian_window().to(x.device)
+    if min(x.shape[-2:]) < window.shape[-1]:
+        window = window[..., : min(x.shape[-2:]), : min(x.shape[-2:])]
+        window = window / window.sum()
+    mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
+    var_x = F.conv2d(x * x, window) - mu_x**2
+    var_y = F.conv2d(y * y, window) - mu_y**2
+    cov = F.conv2d(x * y, window) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim.mean(dim=(1, 2, 3)).view(shape)
+
+
+class Scores:
+    """Running sums for one forecast method over [B, T, C, H, W] batches of data-unit frames."""
+
+    def __init__(
+        self,
+        lead_times: int,
+        data_range: float,
+        thresholds: tuple[float, ...] = (),
+        zero_one_scale: float | None = None,
+    ):
+        self.lead_times = lead_times
+        self.data_range = data_range
+        self.thresholds = tuple(thresholds)
+        self.zero_one_scale = zero_one_scale
+        names = ["sse", "sae", "pixels", "frame_sse01", "ssim", "psnr", "frames"]
+        self.sums = {name: torch.zeros(lead_times, dtype=torch.float64) for name in names}
+        self.table = torch.zeros(len(self.thresholds), lead_times, 4, dtype=torch.float64)
+
+    def update(self, prediction: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        prediction, truth = prediction.double(), truth.double()
+        if valid is None:
+            valid = torch.ones_like(truth, dtype=torch.bool)
+        weight = valid.double()
+        error = (prediction - truth) * weight
+        by_lead = (0, 2, 3, 4)
+        add = self.sums
+        add["sse"] += (error**2).sum(by_lead).cpu()
+        add["sae"] += error.abs().sum(by_lead).cpu()
+        add["pixels"] += weight.sum(by_lead).cpu()
+        frame_sse = (error**2).sum(dim=(2, 3, 4))  # [B, T]
+        if self.zero_one_scale:
+            add["frame_sse01"] += (frame_sse / self.zero_one_scale**2).sum(0).cpu()
+        frame_mse = frame_sse / weight.sum(dim=(2, 3, 4)).clamp(min=1)
+        psnr = 10 * torch.log10(self.data_range**2 / frame_mse.clamp(min=1e-12))
+        add["psnr"] += psnr.sum(0).cpu()
+        add["ssim"] += ssim_per_frame(prediction, truth, self.data_range).mean(dim=2).sum(0).cpu()
+        add["frames"] += torch.full((self.lead_times,), float(truth.shape[0]), dtype=torch.float64)
+        for i, threshold in enumerate(self.thresholds):
+            forecast_yes, observed_yes = prediction >= threshold, truth >= threshold
+            counts = [
+                forecast_yes & observed_yes,  # hits
+                ~forecast_yes & observed_yes,  # misses
+                forecast_yes & ~observed_yes,  # false alarms
+                ~forecast_yes & ~observed_yes,  # correct negatives
+            ]
+            for j, event in enumerate(counts):
+                self.table[i, :, j] += (event & valid).sum(by_lead).double().cpu()
+
+    def merge(self, other: Scores) -> None:
+        for name, value in other.sums.items():
+            self.sums[name] += value
+        self.table += other.table
+
+    def state(self) -> torch.Tensor:
+        """All running sums as one tensor, so that DDP ranks can reduce them in one call."""
+        return torch.cat([torch.stack(list(self.sums.values())).flatten(), self.table.flatten()])
+
+    def load_state(self, flat: torch.Tensor) -> None:
+        size = len(self.sums) * self.lead_times
+        for i, name in enumerate(self.sums):
+            self.sums[name] = flat[i * self.lead_times : (i + 1) * self.lead_times].clone()
+        self.table = flat[size:].view_as(self.table).clone()
+
+    def compute(self) -> dict[str, list[float]]:
+        s = self.sums
+        frames = s["frames"].clamp(min=1)
+        scores = {
+            "mse": (s["sse"] / s["pixels"].clamp(min=1)).tolist(),
+            "mae": (s["sae"] / s["pixels"].clamp(min=1)).tolist(),
+            "ssim": (s["ssim"] / frames).tolist(),
+            "psnr": (s["psnr"] / frames).tolist(),
+        }
+        if self.zero_one_scale:
+            scores["mse_frame_sum"] = (s["frame_sse01"] / frames).tolist()
+        for i, threshold in enumerate(self.thresholds):
+            for name, values in categorical_scores(self.table[i]).items():
+                scores[f"{name}@{format_threshold(threshold)}"] = values
+        return scores
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> list[float]:
+    return [n / d if d else math.nan for n, d in zip(numerator.tolist(), denominator.tolist(), strict=True)]
+
+
+def categorical_scores(counts: torch.Tensor) -> dict[str, list[float]]:
+    """Scores from [lead_times, 4] contingency counts (hits, misses, false alarms, correct negatives)."""
+    h, m, f, n = counts.unbind(-1)
+    total = h + m + f + n
+    random_hits = (h + m) * (h + f) / total.clamp(min=1)
+    return {
+        "csi": _ratio(h, h + m + f),
+        "pod": _ratio(h, h + m),
+        "far": _ratio(f, h + f),
+        "hss": _ratio(2 * (h * n - m * f), (h + m) * (m + n) + (h + f) * (f + n)),
+        "ets": _ratio(h - random_hits, h + m + f - random_hits),
+        "bias": _ratio(h + f, h + m),
+    }
+
+
+def mean_over_leads(scores: dict[str, list[float]]) -> dict[str, float]:
+    """Each score averaged over lead times, ignoring lead times where it is undefined."""
+    means = {}
+    for name, values in scores.items():
+        defined = [v for v in values if not math.isnan(v)]
+        means[name] = sum(defined) / len(defined) if defined else math.nan
+    return means

@@ -1,0 +1,277 @@
+"""Convolutional recurrent cells and the encoder–forecaster of Shi et al. (2015, 2017).
+
+Tensors are [batch, time, channels, height, width]. Recurrent state and gate arithmetic stay in float32
+even under autocast: only the convolutions run in the low precision, which keeps long unrolls stable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from convgru_cli.errors import UserError
+
+CELLS = ("convgru", "convgru-textbook", "convlstm")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model; stored in every checkpoint as plain data.
+
+    Level i has a downsampling convolution (kernel ``down_kernels[i]``, stride ``strides[i]``) feeding a
+    recurrent cell with ``hidden[i]`` channels; the forecaster mirrors it with transposed convolutions.
+    ``patch`` folds patch×patch pixel blocks into channels before level 0 (space-to-depth), which makes
+    every recurrent convolution patch² times cheaper.
+    """
+
+    channels: int = 1
+    cell: str = "convgru"
+    patch: int = 1
+    stem_channels: int = 16
+    hidden: tuple[int, ...] = (64, 96, 96)
+    strides: tuple[int, ...] = (1, 2, 2)
+    down_kernels: tuple[int, ...] = (3, 3, 3)
+    up_kernels: tuple[int, ...] = (3, 4, 4)
+    input_kernel: int = 3
+    hidden_kernel: int = 5
+    activation: str = "leaky"
+
+    def __post_init__(self) -> None:
+        levels = len(self.hidden)
+        if not (len(self.strides) == len(self.down_kernels) == len(self.up_kernels) == levels):
+            raise UserError("model config: hidden, strides, down_kernels and up_kernels need one entry per level")
+        if self.cell not in CELLS:
+            raise UserError(f"model config: unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
+        if self.activation not in ("tanh", "leaky"):
+            raise UserError(f"model config: unknown activation {self.activation!r}; choose tanh or leaky")
+
+    @property
+    def size_multiple(self) -> int:
+        """Frame height and width must be multiples of this."""
+        multiple = self.patch
+        for stride in self.strides:
+            multiple *= stride
+        return multiple
+
+    def check_frame_size(self, height: int, width: int) -> None:
+        m = self.size_multiple
+        if height % m or width % m:
+            raise UserError(
+                f"frames of {height}x{width} do not fit this model: height and width must be multiples of {m} "
+                f"(patch {self.patch} x strides {'x'.join(map(str, self.strides))}); crop or pick another --arch"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**values)
+
+
+# Named architectures. "shi-mnist" is the HKO-7 repository's Moving MNIST ConvGRU; "fast" folds 4x4 pixel
+# blocks into channels and uses 3x3 hidden kernels: about a tenth of the FLOPs, which wins on a CPU budget.
+ARCHITECTURES: dict[str, dict] = {
+    "shi-mnist": {},
+    "fast": dict(
+        patch=4,
+        stem_channels=64,
+        hidden=(64, 96),
+        strides=(1, 2),
+        down_kernels=(3, 3),
+        up_kernels=(3, 4),
+        hidden_kernel=3,
+    ),
+    "hko7": dict(
+        stem_channels=8,
+        hidden=(64, 192, 192),
+        strides=(5, 3, 2),
+        down_kernels=(7, 5, 3),
+        up_kernels=(7, 5, 4),
+        hidden_kernel=5,
+    ),
+}
+
+
+def make_config(arch: str, channels: int, cell: str = "convgru") -> ModelConfig:
+    if arch not in ARCHITECTURES:
+        raise UserError(f"--arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return ModelConfig(channels=channels, cell=cell, **ARCHITECTURES[arch])
+
+
+def _activation(name: str, x: Tensor) -> Tensor:
+    return torch.tanh(x) if name == "tanh" else F.leaky_relu(x, 0.2)
+
+
+def _same_padding(kernel: int, stride: int) -> tuple[int, int]:
+    """Padding (and transposed-conv output padding) that scales a size by exactly ``stride``."""
+    padding = (kernel - stride + 1) // 2
+    return padding, 2 * padding - (kernel - stride)
+
+
+class ConvRNNCell(nn.Module):
+    """ConvGRU (nn.GRU form, the default), its textbook variant, or ConvLSTM.
+
+    The input convolution is separate from the step so that callers can run it over all time steps at once;
+    ``step`` then does one hidden-state convolution per time step.
+    ConvGRU:  r = σ(Wr*x + Rr*h), u = σ(Wu*x + Ru*h), n = f(Wn*x + r ⊙ (Rn*h)), h' = u ⊙ h + (1 − u) ⊙ n.
+    Textbook: as above but n = f(Wn*x + Rn*(r ⊙ h)), with the same weights and a third convolution per step.
+    ConvLSTM: i, f, g, o from Wx*x + Rh*h; c' = f ⊙ c + i ⊙ g, h' = o ⊙ tanh(c'); state is [h, c] on channels.
+    """
+
+    def __init__(
+        self, in_channels: int, hidden: int, cell: str, input_kernel: int, hidden_kernel: int, activation: str
+    ):
+        super().__init__()
+        self.hidden = hidden
+        self.cell = cell
+        self.activation = activation
+        gates = 4 if cell == "convlstm" else 3
+        self.input_conv = (
+            nn.Conv2d(in_channels, gates * hidden, input_kernel, padding=input_kernel // 2) if in_channels else None
+        )
+        self.hidden_conv = nn.Conv2d(hidden, gates * hidden, hidden_kernel, padding=hidden_kernel // 2)
+
+    @property
+    def state_channels(self) -> int:
+        return 2 * self.hidden if self.cell == "convlstm" else self.hidden
+
+    def input_gates(self, x: Tensor) -> Tensor:
+        """Input contribution to the gates, for any number of frames stacked on the batch axis."""
+        return self.input_conv(x).float()
+
+    def output(self, state: Tensor) -> Tensor:
+        return state[:, : self.hidden]
+
+    def step(self, x_gates: Tensor | None, state: Tensor) -> Tensor:
+        if self.cell == "convlstm":
+            return self._lstm_step(x_gates, state)
+        h = state
+        if self.cell == "convgru":
+            h_gates = self.hidden_conv(h).float()
+            gates = h_gates if x_gates is None else x_gates + h_gates
+            r, u, _ = gates.chunk(3, dim=1)
+            r, u = torch.sigmoid(r), torch.sigmoid(u)
+            h_new = h_gates[:, 2 * self.hidden :]
+            x_new = 0.0 if x_gates is None else x_gates[:, 2 * self.hidden :]
+            candidate = _activation(self.activation, x_new + r * h_new)
+        else:
+            weight, bias = self.hidden_conv.weight, self.hidden_conv.bias
+            split = 2 * self.hidden
+            pad = self.hidden_conv.padding
+            ru = F.conv2d(h, weight[:split], bias[:split], padding=pad).float()
+            if x_gates is not None:
+                ru = ru + x_gates[:, :split]
+            r, u = torch.sigmoid(ru).chunk(2, dim=1)
+            h_new = F.conv2d(r * h, weight[split:], bias[split:], padding=pad).float()
+            x_new = 0.0 if x_gates is None else x_gates[:, split:]
+            candidate = _activation(self.activation, x_new + h_new)
+        return u * h + (1 - u) * candidate
+
+    def _lstm_step(self, x_gates: Tensor | None, state: Tensor) -> Tensor:
+        h, c = state.chunk(2, dim=1)
+        gates = self.hidden_conv(h).float()
+        if x_gates is not None:
+            gates = gates + x_gates
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return torch.cat([h, c], dim=1)
+
+
+def _frames(sequence: Tensor) -> Tensor:
+    """[B, T, C, H, W] -> [B*T, C, H, W] without copying where possible."""
+    return sequence.flatten(0, 1)
+
+
+def _sequence(frames: Tensor, batch: int) -> Tensor:
+    return frames.unflatten(0, (batch, -1))
+
+
+def _zero_state(x_gates: Tensor, channels: int) -> Tensor:
+    batch, _, _, height, width = x_gates.shape
+    return x_gates.new_zeros(batch, channels, height, width).contiguous(memory_format=torch.channels_last)
+
+
+class EncoderForecaster(nn.Module):
+    """Shi et al. 2017: the encoder reads the input frames level by level, finest first; the forecaster
+    starts from the encoder's final states and, taking no frames, unrolls any number of future steps from
+    the coarsest level down, upsampling into the next finer level's cell at every step."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        levels = len(c.hidden)
+        in_channels = c.channels * c.patch**2
+        below = [c.stem_channels] + list(c.hidden[:-1])  # channels each level's cell receives
+        self.down = nn.ModuleList()
+        self.encoder_cells = nn.ModuleList()
+        self.forecaster_cells = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for i in range(levels):
+            source = in_channels if i == 0 else c.hidden[i - 1]
+            padding, _ = _same_padding(c.down_kernels[i], c.strides[i])
+            self.down.append(nn.Conv2d(source, below[i], c.down_kernels[i], c.strides[i], padding))
+            cell_args = (c.cell, c.input_kernel, c.hidden_kernel, c.activation)
+            self.encoder_cells.append(ConvRNNCell(below[i], c.hidden[i], *cell_args))
+            # The coarsest forecaster cell takes no input: it is driven by its state alone.
+            forecaster_input = 0 if i == levels - 1 else c.hidden[i]
+            self.forecaster_cells.append(ConvRNNCell(forecaster_input, c.hidden[i], *cell_args))
+            padding, extra = _same_padding(c.up_kernels[i], c.strides[i])
+            self.up.append(nn.ConvTranspose2d(c.hidden[i], below[i], c.up_kernels[i], c.strides[i], padding, extra))
+        self.head = nn.Conv2d(c.stem_channels, in_channels, 1)
+        # After un-folding the patches, one full-resolution convolution smooths the block edges.
+        self.refine = nn.Conv2d(c.channels, c.channels, 3, padding=1) if c.patch > 1 else None
+
+    def encode(self, inputs: Tensor) -> list[Tensor]:
+        batch, steps = inputs.shape[:2]
+        x = _frames(inputs)
+        if self.config.patch > 1:
+            x = F.pixel_unshuffle(x, self.config.patch)
+        x = x.contiguous(memory_format=torch.channels_last)
+        states = []
+        for down, cell in zip(self.down, self.encoder_cells, strict=True):
+            x = F.leaky_relu(down(x), 0.2)
+            x_gates = _sequence(cell.input_gates(x), batch)
+            state = _zero_state(x_gates, cell.state_channels)
+            outputs = []
+            for x_step in x_gates.unbind(1):
+                state = cell.step(x_step, state)
+                outputs.append(cell.output(state))
+            states.append(state)
+            x = _frames(torch.stack(outputs, dim=1))
+        return states
+
+    def forecast(self, states: list[Tensor], frames: int) -> Tensor:
+        batch = states[0].shape[0]
+        x_steps: list[Tensor | None] = [None] * frames
+        for level in reversed(range(len(states))):
+            cell = self.forecaster_cells[level]
+            state = states[level]
+            outputs = []
+            for x_step in x_steps:
+                state = cell.step(x_step, state)
+                outputs.append(cell.output(state))
+            x = F.leaky_relu(self.up[level](_frames(torch.stack(outputs, dim=1))), 0.2)
+            if level > 0:
+                x_steps = _sequence(self.forecaster_cells[level - 1].input_gates(x), batch).unbind(1)
+        y = self.head(x)
+        if self.config.patch > 1:
+            y = F.pixel_shuffle(y, self.config.patch)
+            y = y + self.refine(y)
+        return _sequence(y.float(), batch)
+
+    def forward(self, inputs: Tensor, frames: int) -> Tensor:
+        """inputs: [B, T_in, C, H, W] normalised frames; returns [B, frames, C, H, W]."""
+        self.config.check_frame_size(*inputs.shape[-2:])
+        return self.forecast(self.encode(inputs), frames)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,357 @@
+"""The training loop: one process, or one of several under torchrun (DistributedDataParallel).
+
+Batch order is a pure function of (seed, epoch), so a run stopped mid-epoch resumes exactly where it was.
+Rank 0 alone logs and writes; batch size is per process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from convgru_cli import checkpoint, data
+from convgru_cli.device import autocast, pick_device, pick_precision
+from convgru_cli.errors import UserError
+from convgru_cli.model import EncoderForecaster, ModelConfig, count_parameters
+
+log = logging.getLogger("convgru")
+
+LOSSES = ("mse", "mae", "mse+mae")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    loss: str = "mse+mae"
+    clip: float = 1.0
+    seed: int = 0
+    max_time: float | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None
+
+    def check(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr <= 0:
+            raise UserError("--lr must be positive")
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss {self.loss}: choose one of {', '.join(LOSSES)}")
+
+
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C or SIGTERM after saving a checkpoint to resume from."""
+
+    def __init__(self, run_dir: str):
+        super().__init__(run_dir)
+        self.run_dir = run_dir
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # batches done in the current epoch
+    step: int = 0  # optimizer steps in all
+    elapsed: float = 0.0  # training seconds in all, across resumes
+    best_val: float = math.inf
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def masked_loss(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean per-pixel loss over valid pixels only: no-data pixels neither help nor hurt."""
+    error = prediction - target
+    if kind == "mse":
+        per_pixel = error.square()
+    elif kind == "mae":
+        per_pixel = error.abs()
+    else:
+        per_pixel = error.square() + error.abs()
+    weight = valid.float()
+    return (per_pixel * weight).sum() / weight.sum().clamp(min=1)
+
+
+def learning_rate(config: TrainConfig, step: int, fraction_done: float) -> float:
+    """Linear warm-up, then cosine decay to zero over the run (epochs or --max-time, whichever ends first)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction_done)))
+
+
+def epoch_batches(windows: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's batches for an epoch: a seeded permutation, cut into per-process batches, dealt round-robin."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(windows, generator=generator).tolist()
+    global_batch = batch_size * world
+    batches = [order[i : i + global_batch] for i in range(0, windows - global_batch + 1, global_batch)]
+    return [b[rank * batch_size : (rank + 1) * batch_size] for b in batches]
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size): torchrun sets the environment; without it this is a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _loader(dataset: data.WindowDataset, batches: list[list[int]], workers: int, device: torch.device):
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda"
+    )
+
+
+def _write_metrics(run_dir: str, record: dict) -> None:
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def new_run_dir(data_path: str) -> str:
+    stem = os.path.splitext(os.path.basename(data_path))[0] or "run"
+    return os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def train(
+    data_path: str,
+    spec: data.DataSpec | None,
+    model_config: ModelConfig | None,
+    config: TrainConfig,
+    run_dir: str,
+    resume: bool = False,
+    force: bool = False,
+    show_progress: bool = True,
+) -> dict:
+    """Train on ``data_path`` into ``run_dir``; returns a summary. The model takes its channel count from the
+    data. With ``resume``, everything but the data path comes from ``run_dir/last.pt``."""
+    rank, world = _distributed()
+    device = pick_device(config.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    saved = checkpoint.load(os.path.join(run_dir, "last.pt")) if resume else None
+    if saved:
+        spec = data.DataSpec(**saved["data_spec"])
+        model_config = ModelConfig.from_dict(saved["model_config"])
+        config = TrainConfig(**{**saved["train_config"], "device": config.device, "workers": config.workers})
+    config.check()
+    precision = pick_precision(config.precision, device)
+
+    with data.open_hdf5(data_path) as file:
+        frames = data.Frames(file, data.pick_dataset(file, spec.dataset), spec.layout)
+    spec = data.DataSpec(**{**spec.to_dict(), "dataset": frames.dataset, "layout": frames.layout})
+    train_windows, val_windows = data.split_windows(frames, spec)
+    if len(train_windows) < config.batch_size * world:
+        raise UserError(
+            f"--batch-size {config.batch_size}: larger than the {len(train_windows)} training windows "
+            f"{'per process ' if world > 1 else ''}in {data_path}; lower it"
+        )
+    if saved:
+        normalisation = data.Normalisation(**saved["normalisation"])
+    else:
+        normalisation = data.compute_normalisation(frames, train_windows, spec.window)
+    if not saved:
+        model_config = replace(model_config, channels=frames.channels)
+    if model_config.channels != frames.channels:
+        raise UserError(f"{frames.label}: {frames.channels} channels, but the model expects {model_config.channels}")
+    model_config.check_frame_size(frames.height, frames.width)
+
+    torch.manual_seed(config.seed)
+    model = EncoderForecaster(model_config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    progress = Progress()
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        progress = Progress(**saved["progress"])
+    elif rank == 0:
+        if os.path.exists(os.path.join(run_dir, "last.pt")) and not force:
+            raise UserError(f"{run_dir}: holds a run already; use --resume {run_dir} or --force to start over")
+        os.makedirs(run_dir, exist_ok=True)
+    net = DistributedDataParallel(model) if world > 1 else model
+
+    def save(name: str) -> None:
+        if rank != 0:
+            return
+        checkpoint.save(
+            os.path.join(run_dir, name),
+            {
+                "model_config": model_config.to_dict(),
+                "data_spec": spec.to_dict(),
+                "normalisation": normalisation.to_dict(),
+                "train_config": asdict(config),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "progress": asdict(progress),
+            },
+        )
+
+    if rank == 0:
+        with open(os.path.join(run_dir, "config.json"), "w") as file:
+            json.dump(
+                {
+                    "data": data_path,
+                    "data_spec": spec.to_dict(),
+                    "model_config": model_config.to_dict(),
+                    "train_config": asdict(config),
+                },
+                file,
+                indent=2,
+            )
+        log.info(
+            "training %s parameters on %d windows (%d held out) on %s, %s, %d process(es); run directory %s",
+            f"{count_parameters(model):,}",
+            len(train_windows),
+            len(val_windows),
+            device,
+            str(precision).removeprefix("torch."),
+            world,
+            run_dir,
+        )
+
+    workers = config.workers if config.workers is not None else (0 if frames.in_memory else 2)
+    train_set = data.WindowDataset(frames, train_windows, spec.window)
+    steps_per_epoch = len(epoch_batches(len(train_windows), config.batch_size, 0, 0, 0, world))
+    total_steps = steps_per_epoch * config.epochs
+    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    started = time.perf_counter() - progress.elapsed
+    try:
+        while progress.epoch < config.epochs:
+            batches = epoch_batches(len(train_windows), config.batch_size, config.seed, progress.epoch, rank, world)
+            net.train()
+            bar = tqdm(
+                total=len(batches),
+                initial=progress.batch,
+                desc=f"epoch {progress.epoch + 1}/{config.epochs}",
+                disable=not show_progress or rank != 0 or not sys.stderr.isatty(),
+                file=sys.stderr,
+                leave=False,
+            )
+            epoch_loss, epoch_seen, epoch_start = 0.0, 0, time.perf_counter()
+            for batch in _loader(train_set, batches[progress.batch :], workers, device):
+                inputs, target, valid = _split(batch.to(device, non_blocking=True), normalisation, spec)
+                fraction = progress.step / total_steps
+                if config.max_time:
+                    fraction = max(fraction, (time.perf_counter() - started) / config.max_time)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(config, progress.step, fraction)
+                with autocast(device, precision):
+                    prediction = net(inputs, spec.output_frames)
+                loss = masked_loss(prediction.float(), target, valid, config.loss)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                scaler.step(optimizer)
+                scaler.update()
+                progress.batch += 1
+                progress.step += 1
+                epoch_loss += loss.item() * len(batch)
+                epoch_seen += len(batch)
+                rate = epoch_seen * world / (time.perf_counter() - epoch_start)
+                bar.set_postfix(loss=f"{loss.item():.4f}", seq_s=f"{rate:.1f}")
+                bar.update()
+                if config.max_time and time.perf_counter() - started >= config.max_time:
+                    break
+            bar.close()
+            out_of_time = config.max_time and time.perf_counter() - started >= config.max_time
+            progress.epoch += 1
+            progress.batch = 0
+            progress.elapsed = time.perf_counter() - started
+            val_loss = validate(net, frames, val_windows, spec, normalisation, config, device, precision, rank, world)
+            record = {
+                "epoch": progress.epoch,
+                "step": progress.step,
+                "train_loss": epoch_loss / max(epoch_seen, 1),
+                "val_loss": val_loss,
+                "seq_per_s": epoch_seen * world / max(time.perf_counter() - epoch_start, 1e-9),
+                "elapsed_s": round(progress.elapsed, 2),
+            }
+            improved = val_loss < progress.best_val if not math.isnan(val_loss) else True
+            if improved:
+                progress.best_val, progress.best_epoch = val_loss, progress.epoch
+            progress.history.append(record)
+            save("last.pt")
+            if improved and rank == 0:
+                save("best.pt")
+            if rank == 0:
+                _write_metrics(run_dir, record)
+                log.info(
+                    "epoch %d/%d  train loss %.4f  val loss %.4f  %.1f seq/s%s",
+                    progress.epoch,
+                    config.epochs,
+                    record["train_loss"],
+                    val_loss,
+                    record["seq_per_s"],
+                    "  (best)" if improved else "",
+                )
+            if out_of_time:
+                log.info("stopping: --max-time %gs reached", config.max_time)
+                break
+    except KeyboardInterrupt:
+        progress.elapsed = time.perf_counter() - started
+        save("last.pt")
+        raise Interrupted(run_dir) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    if world > 1:
+        dist.barrier()
+    return {
+        "run_dir": run_dir,
+        "best_epoch": progress.best_epoch,
+        "best_val_loss": progress.best_val,
+        "last_checkpoint": os.path.join(run_dir, "last.pt"),
+        "best_checkpoint": os.path.join(run_dir, "best.pt"),
+        "epochs": progress.epoch,
+        "steps": progress.step,
+        "seq_per_s": progress.history[-1]["seq_per_s"] if progress.history else 0.0,
+        "wall_s": round(progress.elapsed, 2),
+    }
+
+
+def _split(
+    batch: torch.Tensor, normalisation: data.Normalisation, spec: data.DataSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    frames, valid = normalisation.normalise(batch)
+    return frames[:, : spec.input_frames], frames[:, spec.input_frames :], valid[:, spec.input_frames :]
+
+
+@torch.no_grad()
+def validate(net, frames, windows, spec, normalisation, config, device, precision, rank, world) -> float:
+    """Mean per-pixel MSE (normalised units) on the held-out windows, summed over all ranks."""
+    if not windows:
+        return math.nan
+    net.eval()
+    mine = windows[rank::world]
+    batches = [list(range(i, min(i + config.batch_size, len(mine)))) for i in range(0, len(mine), config.batch_size)]
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in _loader(data.WindowDataset(frames, mine, spec.window), batches, 0, device):
+        inputs, target, valid = _split(batch.to(device), normalisation, spec)
+        with autocast(device, precision):
+            prediction = net(inputs, spec.output_frames)
+        weight = valid.double()
+        total[0] += ((prediction.double() - target) ** 2 * weight).sum()
+        total[1] += weight.sum()
+    if world > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
