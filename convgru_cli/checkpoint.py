@@ -6,6 +6,7 @@ A checkpoint never runs code when loaded, and a crash while writing one leaves t
 from __future__ import annotations
 
 import glob
+import logging
 import os
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from convgru_cli import __version__
 from convgru_cli.errors import UserError
 from convgru_cli.files import write_atomically
+
+log = logging.getLogger("convgru")
 
 FORMAT = "convgru-checkpoint"
 FORMAT_VERSION = 1
@@ -46,4 +49,6 @@ def newest_best(pattern: str = os.path.join("runs", "*", "best.pt")) -> str:
     found = glob.glob(pattern)
     if not found:
         raise UserError(f"no checkpoint given and none found at {pattern}; train one or pass --checkpoint")
-    return max(found, key=os.path.getmtime)
+    newest = max(found, key=os.path.getmtime)
+    log.info("using checkpoint %s (the newest %s)", newest, pattern)
+    return newest

@@ -124,13 +124,13 @@ def train(
     val_fraction: Annotated[float, typer.Option(help="Share of sequences (or of a series' time) held out.")] = 0.1,
     arch: Annotated[str, typer.Option(help="Architecture: fast, shi-mnist or hko7.")] = "fast",
     cell: Annotated[str, typer.Option(help="convgru, convgru-textbook or convlstm.")] = "convgru",
-    epochs: int = 10,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training windows [default: 10].")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per step (per process under torchrun).")] = 16,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = 2e-3,
     loss: Annotated[str, typer.Option(help="mse, mae or mse+mae.")] = "mse+mae",
     clip: Annotated[float, typer.Option(help="Gradient-norm clipping.")] = 1.0,
     seed: int = 0,
-    max_time: Annotated[float | None, typer.Option(help="Stop cleanly after this many seconds.")] = None,
+    max_time: Annotated[float | None, typer.Option(help="Stop cleanly after this many seconds of training.")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: 0 in memory, else 2).")] = None,
@@ -154,29 +154,28 @@ def train(
         raise UserError("--stride must be at least 1")
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
-    spec = DataSpec(dataset, layout, input_frames, output_frames, stride, val_fraction)
-    config = training.TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        loss=loss,
-        clip=clip,
-        seed=seed,
-        max_time=max_time,
-        device=device,
-        precision=precision,
-        workers=workers,
-    )
-    summary = training.train(
-        data,
-        spec,
-        make_config(arch, channels=1, cell=cell),
-        config,
-        run_dir=resume or out or training.new_run_dir(data),
-        resume=resume is not None,
-        force=force,
-        show_progress=not settings.get("quiet"),
-    )
+    show_progress = not settings.get("quiet")
+    if resume:
+        changes = {"epochs": epochs, "max_time": max_time, "workers": workers}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        summary = training.resume(data, resume, show_progress, device=device, **changes)
+    else:
+        spec = DataSpec(dataset, layout, input_frames, output_frames, stride, val_fraction)
+        config = training.TrainConfig(
+            epochs=epochs or 10,
+            batch_size=batch_size,
+            lr=lr,
+            loss=loss,
+            clip=clip,
+            seed=seed,
+            max_time=max_time,
+            device=device,
+            precision=precision,
+            workers=workers,
+        )
+        run_dir = out or training.new_run_dir(data)
+        model_config = make_config(arch, channels=1, cell=cell)
+        summary = training.train(data, spec, model_config, config, run_dir, force, show_progress)
     if as_json:
         typer.echo(_json(summary))
     else:

@@ -72,9 +72,11 @@ def pick_dataset(file: h5py.File, name: str | None) -> str:
         if name not in file or not isinstance(file[name], h5py.Dataset):
             raise UserError(f"{label}: no dataset {name!r} (datasets: {', '.join(_datasets(file)) or 'none'})")
         return name
-    candidates = [n for n in _datasets(file) if file[n].ndim >= 3 and n.rsplit("/", 1)[-1] not in NOT_FRAMES]
+    candidates = [n for n in _datasets(file) if n.rsplit("/", 1)[-1] not in NOT_FRAMES]
+    if len(candidates) > 1:
+        candidates = [n for n in candidates if file[n].ndim >= 3]
     if len(candidates) != 1:
-        found = ", ".join(candidates) or "none of rank 3 or more"
+        found = ", ".join(candidates) or "no frame-like dataset"
         raise UserError(f"{label}: cannot tell which dataset holds the frames ({found}); name it with --dataset")
     return candidates[0]
 

@@ -32,10 +32,9 @@ def evaluate_file(
     """Scores as ``{"lead_times": [...], "scores": {method: {metric: [...]}}, "mean": {method: {metric: x}}}``."""
     if split not in ("all", "val"):
         raise UserError(f"--split {split}: choose all or val")
-    checkpoint_path = checkpoint_path or checkpoint.newest_best()
-    forecaster = Forecaster.load(checkpoint_path, device, precision)
-    spec = forecaster.spec
     with data.open_hdf5(data_path) as file:
+        forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision)
+        spec = forecaster.spec
         name = data.pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None))
         frames = data.Frames(file, name, layout)
     forecaster.check_frames(frames)
@@ -66,7 +65,7 @@ def evaluate_file(
     per_lead = {method: s.compute() for method, s in scores.items()}
     minutes = frames.timestep_minutes
     return {
-        "checkpoint": checkpoint_path,
+        "checkpoint": forecaster.checkpoint_path,
         "data": data_path or "<stdin>",
         "dataset": name,
         "windows": len(chosen),

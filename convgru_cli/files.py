@@ -28,6 +28,9 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None], force: bool =
     except OSError as error:
         raise UserError(f"{path}: cannot write in {directory} ({error.strerror})") from None
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()

@@ -110,10 +110,9 @@ def predict_file(
         raise UserError("refusing to write HDF5 to a terminal: use -o FILE or redirect standard output")
     if output is not None and os.path.exists(output) and not force:
         raise UserError(f"{output}: already exists; use --force to overwrite it")
-    checkpoint_path = checkpoint_path or checkpoint.newest_best()
-    forecaster = Forecaster.load(checkpoint_path, device, precision)
-    spec = forecaster.spec
     with data.open_hdf5(data_path) as file:
+        forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision)
+        spec = forecaster.spec
         name = data.pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None))
         source = data.Frames(file, name, layout)
     forecaster.check_frames(source)
@@ -133,7 +132,7 @@ def predict_file(
     attributes = {
         "units": source.units,
         "software": f"convgru {__version__}",
-        "checkpoint": os.path.abspath(checkpoint_path),
+        "checkpoint": os.path.abspath(forecaster.checkpoint_path),
         "input_file": data_path or "<stdin>",
         "input_dataset": name,
         "input_frames": f"{first}..{first + spec.input_frames - 1}",
@@ -146,4 +145,4 @@ def predict_file(
         sys.stdout.buffer.flush()
     else:
         write_atomically(output, lambda file: file.write(payload), force=force)
-    return {"output": output or "<stdout>", "checkpoint": checkpoint_path, "shape": list(forecast.shape)}
+    return {"output": output or "<stdout>", "checkpoint": forecaster.checkpoint_path, "shape": list(forecast.shape)}

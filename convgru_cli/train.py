@@ -132,25 +132,48 @@ def new_run_dir(data_path: str) -> str:
 
 def train(
     data_path: str,
-    spec: data.DataSpec | None,
-    model_config: ModelConfig | None,
+    spec: data.DataSpec,
+    model_config: ModelConfig,
     config: TrainConfig,
     run_dir: str,
-    resume: bool = False,
     force: bool = False,
     show_progress: bool = True,
 ) -> dict:
     """Train on ``data_path`` into ``run_dir``; returns a summary. The model takes its channel count from the
-    data. With ``resume``, everything but the data path comes from ``run_dir/last.pt``."""
+    data. An ``run_dir`` that holds a run is refused unless ``force``."""
+    return _fit(data_path, spec, model_config, config, run_dir, None, force, show_progress)
+
+
+RESUME_CHANGES = ("epochs", "max_time", "device", "workers")
+
+
+def resume(data_path: str, run_dir: str, show_progress: bool = True, **changes) -> dict:
+    """Continue the run in ``run_dir`` from its last.pt, exactly where it stopped (mid-epoch included).
+    ``changes`` may set epochs (to train longer), max_time, device or workers; all else is as saved."""
+    unknown = set(changes) - set(RESUME_CHANGES)
+    if unknown:
+        raise UserError(f"--resume: {', '.join(sorted(unknown))} cannot change in a resumed run")
+    saved = checkpoint.load(os.path.join(run_dir, "last.pt"))
+    config = TrainConfig(**{**saved["train_config"], **changes})
+    spec = data.DataSpec(**saved["data_spec"])
+    model_config = ModelConfig.from_dict(saved["model_config"])
+    return _fit(data_path, spec, model_config, config, run_dir, saved, False, show_progress)
+
+
+def _fit(
+    data_path: str,
+    spec: data.DataSpec,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    run_dir: str,
+    saved: dict | None,
+    force: bool,
+    show_progress: bool,
+) -> dict:
     rank, world = _distributed()
     device = pick_device(config.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    saved = checkpoint.load(os.path.join(run_dir, "last.pt")) if resume else None
-    if saved:
-        spec = data.DataSpec(**saved["data_spec"])
-        model_config = ModelConfig.from_dict(saved["model_config"])
-        config = TrainConfig(**{**saved["train_config"], "device": config.device, "workers": config.workers})
     config.check()
     precision = pick_precision(config.precision, device)
 
@@ -167,7 +190,6 @@ def train(
         normalisation = data.Normalisation(**saved["normalisation"])
     else:
         normalisation = data.compute_normalisation(frames, train_windows, spec.window)
-    if not saved:
         model_config = replace(model_config, channels=frames.channels)
     if model_config.channels != frames.channels:
         raise UserError(f"{frames.label}: {frames.channels} channels, but the model expects {model_config.channels}")

@@ -1,0 +1,123 @@
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from convgru_cli import data
+from convgru_cli.errors import UserError
+from tests.conftest import write_h5
+
+
+def _frames(path, layout=None, cache=None, dataset=None):
+    with data.open_hdf5(path) as file:
+        return data.Frames(file, data.pick_dataset(file, dataset), layout, cache=cache)
+
+
+# Each stored layout must yield the same [T, C, H, W] windows as the canonical array.
+CANONICAL = np.arange(3 * 6 * 2 * 4 * 5, dtype=np.float32).reshape(3, 6, 2, 4, 5)  # N T C H W
+
+
+@pytest.mark.parametrize(
+    ("layout", "stored"),
+    [
+        ("NTCHW", CANONICAL),
+        ("NTHW", CANONICAL[:, :, 0]),
+        ("TCHW", CANONICAL[0]),
+        ("THW", CANONICAL[0, :, 0]),
+        ("NHWT", CANONICAL[:, :, 0].transpose(0, 2, 3, 1)),
+        ("TNHW", CANONICAL[:, :, 0].transpose(1, 0, 2, 3)),
+    ],
+)
+@pytest.mark.parametrize("cache", [True, False])
+def test_layouts_read_as_canonical_windows(tmp_path, layout, stored, cache):
+    path = write_h5(tmp_path / "d.h5", stored)
+    frames = _frames(path, layout, cache)
+    expected = CANONICAL if "C" in layout else CANONICAL[:, :, :1]
+    if "N" not in layout:
+        expected = expected[:1]
+    assert frames.sequences == expected.shape[0]
+    window = frames.read(expected.shape[0] - 1, 2, 3)
+    np.testing.assert_array_equal(window, expected[-1, 2:5])
+
+
+def test_auto_layout_by_rank(tmp_path):
+    assert _frames(write_h5(tmp_path / "a.h5", np.zeros((2, 5, 4, 4)))).layout == "NTHW"
+    assert _frames(write_h5(tmp_path / "b.h5", np.zeros((5, 4, 4)))).layout == "THW"
+    assert _frames(write_h5(tmp_path / "c.h5", np.zeros((2, 5, 1, 4, 4)))).layout == "NTCHW"
+
+
+def test_uint8_stays_uint8_until_the_batch(digits_file):
+    frames = _frames(digits_file)
+    item = data.WindowDataset(frames, data.windows(frames, 6, 1), 6)[0]
+    assert item.dtype == torch.uint8 and item.shape == (6, 1, 32, 32)
+
+
+def test_series_split_shares_no_frame(series_file):
+    frames = _frames(series_file)
+    spec = data.DataSpec("frames", "THW", 4, 4, stride=1, val_fraction=0.25)
+    train, val = data.split_windows(frames, spec)
+    train_frames = {s + k for _, s in train for k in range(spec.window)}
+    val_frames = {s + k for _, s in val for k in range(spec.window)}
+    assert train and val and not train_frames & val_frames
+
+
+def test_sequence_split_holds_out_whole_sequences(digits_file):
+    frames = _frames(digits_file)
+    train, val = data.split_windows(frames, data.DataSpec("frames", "NTHW", 3, 3, stride=1, val_fraction=0.25))
+    assert {n for n, _ in train}.isdisjoint({n for n, _ in val})
+    assert len({n for n, _ in val}) == 6
+
+
+def test_normalisation_from_training_windows(tmp_path):
+    array = np.random.default_rng(0).normal(5.0, 2.0, size=(20, 6, 8, 8)).astype(np.float32)
+    frames = _frames(write_h5(tmp_path / "n.h5", array))
+    train, _ = data.split_windows(frames, data.DataSpec("frames", "NTHW", 3, 3, val_fraction=0.5))
+    norm = data.compute_normalisation(frames, train, 6)
+    assert norm.offset[0] == pytest.approx(array[:10].mean(), rel=1e-4)
+    assert norm.scale[0] == pytest.approx(array[:10].std(), rel=1e-3)
+    batch = torch.from_numpy(array[:2]).unsqueeze(2)
+    normalised, valid = norm.normalise(batch)
+    assert valid.all()
+    torch.testing.assert_close(norm.denormalise(normalised), batch)
+
+
+def test_nan_is_masked_not_propagated(tmp_path):
+    array = np.ones((4, 6, 8, 8), dtype=np.float32)
+    array[0, 0, 0, 0] = np.nan
+    frames = _frames(write_h5(tmp_path / "nan.h5", array))
+    norm = data.compute_normalisation(frames, data.windows(frames, 6, 1), 6)
+    normalised, valid = norm.normalise(torch.from_numpy(array).unsqueeze(2))
+    assert not valid[0, 0, 0, 0, 0] and valid.sum() == array.size - 1
+    assert torch.isfinite(normalised).all()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: str(p / "missing.h5"), "no such file"),
+        (lambda p: str(p), "is a directory"),
+        (lambda p: (p / "text.h5").write_text("hello") and str(p / "text.h5"), "not a readable HDF5 file"),
+    ],
+)
+def test_bad_files_are_user_errors(tmp_path, make, message):
+    with pytest.raises(UserError, match=message):
+        data.open_hdf5(make(tmp_path))
+
+
+def test_dataset_problems_are_user_errors(tmp_path):
+    path = write_h5(tmp_path / "x.h5", np.zeros((2, 5, 4, 4)))
+    with h5py.File(path, "a") as file:
+        file["other"] = np.zeros((3, 4, 4))
+        file["flat"] = np.zeros(7)
+    with data.open_hdf5(path) as file:
+        with pytest.raises(UserError, match="--dataset"):
+            data.pick_dataset(file, None)
+        with pytest.raises(UserError, match="no dataset 'nope'"):
+            data.pick_dataset(file, "nope")
+        with pytest.raises(UserError, match="not a frame sequence"):
+            data.Frames(file, "flat")
+        with pytest.raises(UserError, match="layout NTCHW has 5 axes"):
+            data.Frames(file, "frames", "NTCHW")
+    frames = _frames(path, dataset="frames")
+    with pytest.raises(UserError, match="fewer than the 6 needed"):
+        data.windows(frames, 6, 1)

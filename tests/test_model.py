@@ -1,0 +1,132 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convgru_cli.errors import UserError
+from convgru_cli.model import ARCHITECTURES, ConvRNNCell, EncoderForecaster, ModelConfig, make_config
+
+
+def _gate_convs(conv, gates):
+    """Split a fused convolution into one (weight, bias) per gate, as a plain implementation would hold them."""
+    return list(zip(conv.weight.chunk(gates), conv.bias.chunk(gates), strict=True))
+
+
+def _conv(x, weight_bias, kernel):
+    weight, bias = weight_bias
+    return F.conv2d(x, weight, bias, padding=kernel // 2)
+
+
+def reference_gru(cell, x, h, textbook):
+    """ConvGRU written gate by gate with six separate convolutions."""
+    wr, wu, wn = _gate_convs(cell.input_conv, 3)
+    rr, ru, rn = _gate_convs(cell.hidden_conv, 3)
+    ki, kh = cell.input_conv.kernel_size[0], cell.hidden_conv.kernel_size[0]
+    r = torch.sigmoid(_conv(x, wr, ki) + _conv(h, rr, kh))
+    u = torch.sigmoid(_conv(x, wu, ki) + _conv(h, ru, kh))
+    hidden_term = _conv(r * h, rn, kh) if textbook else r * _conv(h, rn, kh)
+    n = torch.tanh(_conv(x, wn, ki) + hidden_term)
+    return u * h + (1 - u) * n
+
+
+def reference_lstm(cell, x, h, c):
+    wi, wf, wg, wo = _gate_convs(cell.input_conv, 4)
+    ri, rf, rg, ro = _gate_convs(cell.hidden_conv, 4)
+    ki, kh = cell.input_conv.kernel_size[0], cell.hidden_conv.kernel_size[0]
+    i = torch.sigmoid(_conv(x, wi, ki) + _conv(h, ri, kh))
+    f = torch.sigmoid(_conv(x, wf, ki) + _conv(h, rf, kh))
+    g = torch.tanh(_conv(x, wg, ki) + _conv(h, rg, kh))
+    o = torch.sigmoid(_conv(x, wo, ki) + _conv(h, ro, kh))
+    c = f * c + i * g
+    return o * torch.tanh(c), c
+
+
+@pytest.mark.parametrize("kind", ["convgru", "convgru-textbook"])
+def test_gru_cell_equals_per_gate_reference(kind):
+    torch.manual_seed(0)
+    cell = ConvRNNCell(3, 8, kind, input_kernel=3, hidden_kernel=5, activation="tanh")
+    x, h = torch.randn(2, 3, 12, 10), torch.randn(2, 8, 12, 10)
+    ours = cell.step(cell.input_gates(x), h)
+    expected = reference_gru(cell, x, h, textbook=kind == "convgru-textbook")
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_two_gru_forms_differ():
+    """Same weights, different functions: the option changes the model, it is not a no-op."""
+    torch.manual_seed(0)
+    fused = ConvRNNCell(3, 8, "convgru", 3, 5, "tanh")
+    textbook = ConvRNNCell(3, 8, "convgru-textbook", 3, 5, "tanh")
+    textbook.load_state_dict(fused.state_dict())
+    x, h = torch.randn(2, 3, 8, 8), torch.randn(2, 8, 8, 8)
+    assert (fused.step(fused.input_gates(x), h) - textbook.step(textbook.input_gates(x), h)).abs().max() > 1e-3
+
+
+def test_lstm_cell_equals_per_gate_reference():
+    torch.manual_seed(0)
+    cell = ConvRNNCell(3, 8, "convlstm", input_kernel=3, hidden_kernel=5, activation="tanh")
+    x, h, c = torch.randn(2, 3, 12, 10), torch.randn(2, 8, 12, 10), torch.randn(2, 8, 12, 10)
+    state = cell.step(cell.input_gates(x), torch.cat([h, c], dim=1))
+    expected_h, expected_c = reference_lstm(cell, x, h, c)
+    torch.testing.assert_close(cell.output(state), expected_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state[:, 8:], expected_c, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("arch", "size", "channels"),
+    [("fast", 64, 1), ("fast", 96, 2), ("fast", 256, 1), ("shi-mnist", 32, 1), ("hko7", 60, 1)],
+)
+@pytest.mark.parametrize("cell", ["convgru", "convlstm"])
+def test_shapes_through_the_stack(arch, size, channels, cell):
+    model = EncoderForecaster(make_config(arch, channels, cell))
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, channels, size, size), 4)
+    assert out.shape == (1, 4, channels, size, size)
+    assert out.dtype == torch.float32
+
+
+def test_forecast_length_is_free():
+    """The forecaster takes no frames, so any horizon can be asked for, longer than trained included."""
+    model = EncoderForecaster(make_config("fast", 1))
+    with torch.no_grad():
+        assert model(torch.randn(2, 5, 1, 32, 32), 13).shape == (2, 13, 1, 32, 32)
+
+
+def test_frame_size_that_does_not_fit_is_a_clear_error():
+    model = EncoderForecaster(make_config("fast", 1))
+    with pytest.raises(UserError, match="multiples of 8"):
+        model(torch.randn(1, 2, 1, 30, 32), 1)
+
+
+def test_bf16_autocast_close_to_fp32():
+    torch.manual_seed(0)
+    model = EncoderForecaster(make_config("fast", 1)).eval()
+    x = torch.randn(2, 5, 1, 32, 32)
+    with torch.no_grad():
+        reference = model(x, 5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, 5)
+    assert low.dtype == torch.float32
+    relative = (low - reference).norm() / reference.norm()
+    assert relative < 1e-2
+
+
+def test_channels_last_input_gives_the_same_forecast():
+    torch.manual_seed(0)
+    model = EncoderForecaster(make_config("fast", 1)).eval()
+    x = torch.randn(2, 4, 1, 32, 32)
+    with torch.no_grad():
+        plain = model(x, 3)
+        strided = model(x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3), 3)
+    torch.testing.assert_close(plain, strided, atol=1e-5, rtol=1e-5)
+
+
+def test_config_round_trips_through_plain_data():
+    for arch in ARCHITECTURES:
+        config = make_config(arch, 3, "convlstm")
+        assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_unknown_arch_and_cell_are_user_errors():
+    with pytest.raises(UserError, match="--arch"):
+        make_config("nope", 1)
+    with pytest.raises(UserError, match="unknown cell"):
+        make_config("fast", 1, "gru")

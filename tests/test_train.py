@@ -1,0 +1,143 @@
+import json
+import os
+
+import pytest
+import torch
+
+from convgru_cli import checkpoint, train
+from convgru_cli.data import DataSpec
+from convgru_cli.errors import UserError
+from convgru_cli.model import make_config
+
+SPEC = DataSpec(dataset=None, layout=None, input_frames=3, output_frames=3, stride=2, val_fraction=0.25)
+
+
+def _config(**changes):
+    values = dict(epochs=2, batch_size=4, lr=3e-3, warmup_steps=2, seed=0, device="cpu", precision="fp32")
+    return train.TrainConfig(**{**values, **changes})
+
+
+def _run(digits_file, run_dir, **changes):
+    return train.train(digits_file, SPEC, make_config("fast", 1), _config(**changes), str(run_dir), show_progress=False)
+
+
+def test_training_lowers_the_loss_and_writes_the_run(digits_file, tmp_path):
+    summary = _run(digits_file, tmp_path / "run", epochs=4)
+    history = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(history) == 4
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    for name in ("last.pt", "best.pt", "config.json"):
+        assert (tmp_path / "run" / name).is_file()
+    assert summary["best_val_loss"] == min(h["val_loss"] for h in history)
+    saved = checkpoint.load(summary["best_checkpoint"])
+    assert saved["data_spec"]["layout"] == "NTHW" and saved["normalisation"]["dtype"] == "uint8"
+
+
+def test_interrupted_run_resumes_to_the_same_weights(digits_file, tmp_path, monkeypatch):
+    straight = _run(digits_file, tmp_path / "straight")
+
+    calls = {"n": 0}
+    real_loss = train.masked_loss
+
+    def interrupt_mid_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 1 has 9 steps: stop in its middle
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "masked_loss", interrupt_mid_epoch)
+    with pytest.raises(train.Interrupted):
+        _run(digits_file, tmp_path / "resumed")
+    monkeypatch.setattr(train, "masked_loss", real_loss)
+    progress = checkpoint.load(str(tmp_path / "resumed" / "last.pt"))["progress"]
+    assert progress["epoch"] == 0 and progress["batch"] == 4
+    resumed = train.resume(digits_file, str(tmp_path / "resumed"), show_progress=False)
+
+    assert resumed["steps"] == straight["steps"]
+    a = checkpoint.load(straight["last_checkpoint"])["model"]
+    b = checkpoint.load(resumed["last_checkpoint"])["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+
+
+def test_resume_can_extend_epochs(digits_file, tmp_path):
+    _run(digits_file, tmp_path / "run", epochs=1)
+    summary = train.resume(digits_file, str(tmp_path / "run"), show_progress=False, epochs=2)
+    assert summary["epochs"] == 2
+    with pytest.raises(UserError, match="cannot change"):
+        train.resume(digits_file, str(tmp_path / "run"), lr=1.0)
+
+
+def test_existing_run_is_not_overwritten_without_force(digits_file, tmp_path):
+    _run(digits_file, tmp_path / "run", epochs=1)
+    with pytest.raises(UserError, match="--resume"):
+        _run(digits_file, tmp_path / "run", epochs=1)
+    train.train(
+        digits_file,
+        SPEC,
+        make_config("fast", 1),
+        _config(epochs=1),
+        str(tmp_path / "run"),
+        force=True,
+        show_progress=False,
+    )
+
+
+def test_batch_larger_than_training_set_is_a_user_error(digits_file, tmp_path):
+    with pytest.raises(UserError, match="--batch-size 999"):
+        _run(digits_file, tmp_path / "run", batch_size=999)
+
+
+def test_bf16_training_reaches_the_fp32_loss(digits_file, tmp_path):
+    fp32 = _run(digits_file, tmp_path / "fp32", epochs=3)
+    bf16 = _run(digits_file, tmp_path / "bf16", epochs=3, precision="bf16")
+    assert bf16["best_val_loss"] == pytest.approx(fp32["best_val_loss"], rel=0.1)
+
+
+def test_truncated_checkpoint_never_loads_silently(digits_file, tmp_path):
+    summary = _run(digits_file, tmp_path / "run", epochs=1)
+    whole = open(summary["last_checkpoint"], "rb").read()
+    for cut in torch.randint(1, len(whole) - 1, (12,), generator=torch.Generator().manual_seed(0)).tolist():
+        broken = tmp_path / f"cut{cut}.pt"
+        broken.write_bytes(whole[:cut])
+        with pytest.raises(UserError, match="checkpoint"):
+            checkpoint.load(str(broken))
+
+
+def test_foreign_file_is_refused(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a convgru checkpoint"):
+        checkpoint.load(str(tmp_path / "other.pt"))
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    from convgru_cli.files import write_atomically
+
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"previous")
+
+    def full_disk(file):
+        file.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(UserError, match="No space left"):
+        write_atomically(str(target), full_disk)
+    assert target.read_bytes() == b"previous"
+    assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_learning_rate_warms_up_then_decays():
+    config = _config(lr=1.0, warmup_steps=4)
+    rates = [train.learning_rate(config, step, step / 20) for step in range(20)]
+    assert rates[0] == 0.25 and rates[3] == 1.0
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:], strict=False))
+
+
+def test_batches_are_a_function_of_seed_and_epoch_and_shard_across_ranks():
+    one = train.epoch_batches(20, 2, seed=0, epoch=3, rank=0, world=1)
+    assert one == train.epoch_batches(20, 2, seed=0, epoch=3, rank=0, world=1)
+    assert one != train.epoch_batches(20, 2, seed=0, epoch=4, rank=0, world=1)
+    ranks = [train.epoch_batches(20, 2, seed=0, epoch=3, rank=r, world=2) for r in range(2)]
+    merged = [i for pair in zip(*ranks, strict=True) for b in pair for i in b]
+    assert merged == [i for b in train.epoch_batches(20, 4, 0, 3, 0, 1) for i in b]
