@@ -10,7 +10,9 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
+import tomllib
 from pathlib import Path
 from typing import Annotated
 
@@ -89,6 +91,11 @@ def _floats(text: str | None, option: str) -> tuple[float, ...]:
         raise UserError(f"{option} {text}: expected numbers separated by commas, e.g. 0.5,2,5") from None
 
 
+def _main_process() -> bool:
+    """Under torchrun only rank 0 prints results."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _json(value: object) -> str:
     """JSON with NaN (an undefined score) written as null."""
 
@@ -112,16 +119,53 @@ DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), c
 PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 where fast), fp32, bf16 or fp16.")]
 
 
+# Options that say how to run, not what to train: never read from or saved to a config file.
+NOT_IN_CONFIG = {"config", "out", "resume", "force", "as_json"}
+
+
+def _merge_config(ctx: typer.Context, path: str | None) -> dict:
+    """The train options: a TOML file's values where the command line left the default."""
+    options = dict(ctx.params)
+    if path is None:
+        return options
+    try:
+        with open(path, "rb") as file:
+            from_file = tomllib.load(file)
+    except OSError as error:
+        raise UserError(f"--config {path}: cannot read ({error.strerror})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"--config {path}: not valid TOML ({error})") from None
+    for key, value in from_file.items():
+        name = key.replace("-", "_")
+        if name not in options or name in NOT_IN_CONFIG:
+            raise UserError(f"--config {path}: unknown train option {key!r}")
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            options[name] = value
+    return options
+
+
+def _toml(options: dict) -> str:
+    """Flat TOML; JSON's literals for strings, numbers and booleans are valid TOML."""
+    lines = [f"{name.replace('_', '-')} = {json.dumps(value)}" for name, value in options.items() if value is not None]
+    return "\n".join(lines) + "\n"
+
+
 @app.command()
 @_reported
 def train(
-    data: Annotated[str, typer.Argument(help="HDF5 file of frame sequences.")],
+    ctx: typer.Context,
+    data: Annotated[str | None, typer.Argument(help="HDF5 file of frame sequences (or 'data' in --config).")] = None,
+    config: Annotated[str | None, typer.Option(help="TOML file of train options; the command line wins.")] = None,
     dataset: DatasetOpt = None,
     layout: LayoutOpt = None,
     input_frames: Annotated[int, typer.Option(help="Frames the encoder reads.")] = 10,
     output_frames: Annotated[int, typer.Option(help="Frames the forecaster is trained to produce.")] = 10,
     stride: Annotated[int, typer.Option(help="Step between windows cut from long sequences.")] = 1,
     val_fraction: Annotated[float, typer.Option(help="Share of sequences (or of a series' time) held out.")] = 0.1,
+    nan_policy: Annotated[
+        str, typer.Option(help="NaN (no data): mask (left out of loss and scores), zero, error.")
+    ] = "mask",
     arch: Annotated[str, typer.Option(help="Architecture: fast, shi-mnist or hko7.")] = "fast",
     cell: Annotated[str, typer.Option(help="convgru, convgru-textbook or convlstm.")] = "convgru",
     epochs: Annotated[int | None, typer.Option(help="Passes over the training windows [default: 10].")] = None,
@@ -131,6 +175,7 @@ def train(
     clip: Annotated[float, typer.Option(help="Gradient-norm clipping.")] = 1.0,
     seed: int = 0,
     max_time: Annotated[float | None, typer.Option(help="Stop cleanly after this many seconds of training.")] = None,
+    patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without a better val loss.")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: 0 in memory, else 2).")] = None,
@@ -140,42 +185,58 @@ def train(
     force: Annotated[bool, typer.Option(help="Start over in an --out directory that holds a run.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
-    """Train an encoder-forecaster on HDF5 frame sequences; writes last.pt, best.pt, config.json and
-    metrics.jsonl into the run directory."""
+    """Train an encoder-forecaster on HDF5 frame sequences; writes last.pt, best.pt, config.json, config.toml
+    and metrics.jsonl into the run directory. `convgru train --config RUN/config.toml` repeats a run."""
     from convgru_cli import device as devices
     from convgru_cli import train as training
     from convgru_cli.data import DataSpec
     from convgru_cli.model import make_config
 
-    devices.set_threads(threads)
-    if input_frames < 1 or output_frames < 1:
+    o = _merge_config(ctx, config)
+    if o["data"] is None:
+        raise UserError("no data file: name one, or give 'data' in --config")
+    devices.set_threads(o["threads"])
+    if o["input_frames"] < 1 or o["output_frames"] < 1:
         raise UserError("--input-frames and --output-frames must be at least 1")
-    if stride < 1:
+    if o["stride"] < 1:
         raise UserError("--stride must be at least 1")
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if not 0 <= o["val_fraction"] < 1:
+        raise UserError(f"--val-fraction {o['val_fraction']}: must be in [0, 1)")
     show_progress = not settings.get("quiet")
     if resume:
-        changes = {"epochs": epochs, "max_time": max_time, "workers": workers}
-        changes = {k: v for k, v in changes.items() if v is not None}
-        summary = training.resume(data, resume, show_progress, device=device, **changes)
+        changes = {k: o[k] for k in ("epochs", "max_time", "workers", "patience") if o[k] is not None}
+        summary = training.resume(o["data"], resume, show_progress, device=o["device"], **changes)
     else:
-        spec = DataSpec(dataset, layout, input_frames, output_frames, stride, val_fraction)
-        config = training.TrainConfig(
-            epochs=epochs or 10,
-            batch_size=batch_size,
-            lr=lr,
-            loss=loss,
-            clip=clip,
-            seed=seed,
-            max_time=max_time,
-            device=device,
-            precision=precision,
-            workers=workers,
+        spec = DataSpec(
+            o["dataset"],
+            o["layout"],
+            o["input_frames"],
+            o["output_frames"],
+            o["stride"],
+            o["val_fraction"],
+            o["nan_policy"],
         )
-        run_dir = out or training.new_run_dir(data)
-        model_config = make_config(arch, channels=1, cell=cell)
-        summary = training.train(data, spec, model_config, config, run_dir, force, show_progress)
+        train_config = training.TrainConfig(
+            epochs=o["epochs"] or 10,
+            batch_size=o["batch_size"],
+            lr=o["lr"],
+            loss=o["loss"],
+            clip=o["clip"],
+            seed=o["seed"],
+            max_time=o["max_time"],
+            patience=o["patience"],
+            device=o["device"],
+            precision=o["precision"],
+            workers=o["workers"],
+        )
+        run_dir = out or training.new_run_dir(o["data"])
+        model_config = make_config(o["arch"], channels=1, cell=o["cell"])
+        saved_options = _toml({k: v for k, v in o.items() if k not in NOT_IN_CONFIG})
+        summary = training.train(
+            o["data"], spec, model_config, train_config, run_dir, force, show_progress, saved_options
+        )
+    if not _main_process():
+        return
     if as_json:
         typer.echo(_json(summary))
     else:
@@ -233,6 +294,8 @@ def evaluate(
     report = evaluate_file(
         data, checkpoint, dataset, layout, split, _floats(thresholds, "--thresholds"), batch_size, device, precision
     )
+    if not _main_process():
+        return
     if as_json:
         typer.echo(_json(report))
     else:

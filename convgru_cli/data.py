@@ -21,6 +21,7 @@ from convgru_cli.errors import UserError
 
 LAYOUTS_BY_RANK = {3: "THW", 4: "NTHW", 5: "NTCHW"}
 NOT_FRAMES = {"mask", "timestamps", "lead_times"}
+NAN_POLICIES = ("mask", "zero", "error")
 CACHE_BYTES = 2 * 1024**3
 
 
@@ -34,6 +35,7 @@ class DataSpec:
     output_frames: int = 10
     stride: int = 1
     val_fraction: float = 0.1
+    nan_policy: str = "mask"  # NaN is no-data: masked out of loss and scores, set to zero, or refused
 
     @property
     def window(self) -> int:
@@ -104,7 +106,17 @@ def resolve_layout(shape: tuple[int, ...], layout: str | None, label: str) -> st
 class Frames:
     """A frame dataset seen as sequences of [T, C, H, W] frames, whatever its layout on disk."""
 
-    def __init__(self, file: h5py.File, dataset: str, layout: str | None = None, cache: bool | None = None):
+    def __init__(
+        self,
+        file: h5py.File,
+        dataset: str,
+        layout: str | None = None,
+        cache: bool | None = None,
+        nan_policy: str = "mask",
+    ):
+        if nan_policy not in NAN_POLICIES:
+            raise UserError(f"--nan-policy {nan_policy}: choose one of {', '.join(NAN_POLICIES)}")
+        self.nan_policy = nan_policy
         source = file[dataset]
         self.label = f"{file.filename if isinstance(file.filename, str) else 'input'}:{dataset}"
         self.layout = resolve_layout(source.shape, layout, self.label)
@@ -153,11 +165,24 @@ class Frames:
             for axis in self.layout
         )
         block = self._source()[index]
+        if np.issubdtype(block.dtype, np.floating):
+            block = self._checked(block, sequence, start)
         axes = [a for a in self.layout if a != "N"]
         if "C" not in axes:
             block = block[..., np.newaxis]
             axes.append("C")
         return np.ascontiguousarray(np.transpose(block, [axes.index(a) for a in "TCHW"]))
+
+    def _checked(self, block: np.ndarray, sequence: int, start: int) -> np.ndarray:
+        """Inf is always an error; NaN follows the policy."""
+        where = f"{self.label}: sequence {sequence}, frames from {start}"
+        if np.isinf(block).any():
+            raise UserError(f"{where}: infinite values; fix the data or mark them as NaN (no data)")
+        if self.nan_policy != "mask" and np.isnan(block).any():
+            if self.nan_policy == "error":
+                raise UserError(f"{where}: NaN values (--nan-policy error); use --nan-policy mask or zero")
+            block = np.nan_to_num(block, nan=0.0)
+        return block
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -225,6 +250,7 @@ class Normalisation:
     dtype: str
     units: str
     mean_frame: torch.Tensor  # [C, H, W] in data units: the climatology baseline
+    nan_fraction: float = 0.0  # share of no-data pixels in the sampled training windows
 
     @property
     def zero_one_scale(self) -> float | None:
@@ -267,10 +293,6 @@ def compute_normalisation(
     data_min, data_max = math.inf, -math.inf
     for sequence, start in train[::step]:
         block = frames.read(sequence, start, length).astype(np.float64)
-        if np.isinf(block).any():
-            raise UserError(
-                f"{frames.label}: infinite values in sequence {sequence}, frames {start}..{start + length - 1}"
-            )
         valid = np.isfinite(block)
         block = np.where(valid, block, 0.0)
         total += block.sum(axis=0)
@@ -280,7 +302,7 @@ def compute_normalisation(
             data_min = min(data_min, float(block[valid].min()))
             data_max = max(data_max, float(block[valid].max()))
     if not count.any():
-        raise UserError(f"{frames.label}: the training split holds no valid (finite) value")
+        raise UserError(f"{frames.label}: the training split holds no valid value (all NaN)")
     per_channel = count.sum(axis=(1, 2))
     mean = total.sum(axis=(1, 2)) / per_channel
     std = np.sqrt(np.maximum(total_sq / per_channel - mean**2, 0.0))
@@ -293,4 +315,5 @@ def compute_normalisation(
         dtype=str(frames.dtype),
         units=frames.units,
         mean_frame=torch.from_numpy(mean_frame).float(),
+        nan_fraction=float(1 - count.sum() / (len(train[::step]) * length * count.size)),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from convgru_cli import checkpoint, data
+from convgru_cli import checkpoint, data, distributed
 from convgru_cli.errors import UserError
 from convgru_cli.forecast import Forecaster
 from convgru_cli.metrics import Scores, mean_over_leads
@@ -32,11 +32,12 @@ def evaluate_file(
     """Scores as ``{"lead_times": [...], "scores": {method: {metric: [...]}}, "mean": {method: {metric: x}}}``."""
     if split not in ("all", "val"):
         raise UserError(f"--split {split}: choose all or val")
+    rank, world = distributed.setup()
     with data.open_hdf5(data_path) as file:
         forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision)
         spec = forecaster.spec
         name = data.pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None))
-        frames = data.Frames(file, name, layout)
+        frames = data.Frames(file, name, layout, nan_policy=spec.nan_policy)
     forecaster.check_frames(frames)
     if split == "val":
         _, chosen = data.split_windows(frames, spec)
@@ -47,8 +48,9 @@ def evaluate_file(
     data_range = norm.zero_one_scale or max(norm.data_max - norm.data_min, 1e-12)
     scores = {m: Scores(spec.output_frames, data_range, thresholds, norm.zero_one_scale) for m in METHODS}
     climatology = norm.mean_frame.to(forecaster.device)
-    for begin in range(0, len(chosen), batch_size):
-        batch = np.stack([frames.read(n, s, spec.window) for n, s in chosen[begin : begin + batch_size]])
+    mine = chosen[rank::world]  # under torchrun each process scores a share; the sums are merged below
+    for begin in range(0, len(mine), batch_size):
+        batch = np.stack([frames.read(n, s, spec.window) for n, s in mine[begin : begin + batch_size]])
         batch = torch.from_numpy(batch).to(forecaster.device)
         inputs, truth = batch[:, : spec.input_frames], batch[:, spec.input_frames :].float()
         valid = torch.isfinite(truth)
@@ -62,6 +64,8 @@ def evaluate_file(
         for method, prediction in candidates.items():
             scores[method].update(prediction, truth, valid)
 
+    for method_scores in scores.values():
+        method_scores.load_state(distributed.sum_over_processes(method_scores.state(), forecaster.device))
     per_lead = {method: s.compute() for method, s in scores.items()}
     minutes = frames.timestep_minutes
     return {

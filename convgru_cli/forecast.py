@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import torch
 
-from convgru_cli import __version__, checkpoint, data
+from convgru_cli import __version__, checkpoint, data, distributed
 from convgru_cli.device import autocast, pick_device, pick_precision
 from convgru_cli.errors import UserError
 from convgru_cli.files import hdf5_bytes, write_atomically
@@ -31,7 +31,7 @@ class Forecaster:
 
     @classmethod
     def load(cls, path: str, device: str = "auto", precision: str = "auto") -> Forecaster:
-        torch_device = pick_device(device)
+        torch_device = distributed.process_device(pick_device(device))
         saved = checkpoint.load(path, map_location=torch_device)
         model = EncoderForecaster(ModelConfig.from_dict(saved["model_config"]))
         model.load_state_dict(saved["model"])
@@ -114,7 +114,7 @@ def predict_file(
         forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision)
         spec = forecaster.spec
         name = data.pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None))
-        source = data.Frames(file, name, layout)
+        source = data.Frames(file, name, layout, nan_policy=spec.nan_policy)
     forecaster.check_frames(source)
     first = source.steps - spec.input_frames if start is None else start
     if first < 0 or first + spec.input_frames > source.steps:

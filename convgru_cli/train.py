@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from convgru_cli import checkpoint, data
+from convgru_cli import checkpoint, data, distributed
 from convgru_cli.device import autocast, pick_device, pick_precision
 from convgru_cli.errors import UserError
 from convgru_cli.model import EncoderForecaster, ModelConfig, count_parameters
@@ -41,6 +41,7 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 0
     max_time: float | None = None
+    patience: int | None = None
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None
@@ -103,17 +104,6 @@ def epoch_batches(windows: int, batch_size: int, seed: int, epoch: int, rank: in
     return [b[rank * batch_size : (rank + 1) * batch_size] for b in batches]
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size): torchrun sets the environment; without it this is a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
 def _loader(dataset: data.WindowDataset, batches: list[list[int]], workers: int, device: torch.device):
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda"
@@ -138,13 +128,15 @@ def train(
     run_dir: str,
     force: bool = False,
     show_progress: bool = True,
+    options_toml: str | None = None,
 ) -> dict:
     """Train on ``data_path`` into ``run_dir``; returns a summary. The model takes its channel count from the
-    data. An ``run_dir`` that holds a run is refused unless ``force``."""
-    return _fit(data_path, spec, model_config, config, run_dir, None, force, show_progress)
+    data. A ``run_dir`` that holds a run is refused unless ``force``. ``options_toml``, the command-line
+    options that made the run, is saved as config.toml so that the run can be repeated."""
+    return _fit(data_path, spec, model_config, config, run_dir, None, force, show_progress, options_toml)
 
 
-RESUME_CHANGES = ("epochs", "max_time", "device", "workers")
+RESUME_CHANGES = ("epochs", "max_time", "patience", "device", "workers")
 
 
 def resume(data_path: str, run_dir: str, show_progress: bool = True, **changes) -> dict:
@@ -157,7 +149,7 @@ def resume(data_path: str, run_dir: str, show_progress: bool = True, **changes) 
     config = TrainConfig(**{**saved["train_config"], **changes})
     spec = data.DataSpec(**saved["data_spec"])
     model_config = ModelConfig.from_dict(saved["model_config"])
-    return _fit(data_path, spec, model_config, config, run_dir, saved, False, show_progress)
+    return _fit(data_path, spec, model_config, config, run_dir, saved, False, show_progress, None)
 
 
 def _fit(
@@ -169,16 +161,15 @@ def _fit(
     saved: dict | None,
     force: bool,
     show_progress: bool,
+    options_toml: str | None,
 ) -> dict:
-    rank, world = _distributed()
-    device = pick_device(config.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world = distributed.setup()
+    device = distributed.process_device(pick_device(config.device))
     config.check()
     precision = pick_precision(config.precision, device)
 
     with data.open_hdf5(data_path) as file:
-        frames = data.Frames(file, data.pick_dataset(file, spec.dataset), spec.layout)
+        frames = data.Frames(file, data.pick_dataset(file, spec.dataset), spec.layout, nan_policy=spec.nan_policy)
     spec = data.DataSpec(**{**spec.to_dict(), "dataset": frames.dataset, "layout": frames.layout})
     train_windows, val_windows = data.split_windows(frames, spec)
     if len(train_windows) < config.batch_size * world:
@@ -191,6 +182,13 @@ def _fit(
     else:
         normalisation = data.compute_normalisation(frames, train_windows, spec.window)
         model_config = replace(model_config, channels=frames.channels)
+        if normalisation.nan_fraction > 0 and rank == 0:
+            log.warning(
+                "%s: %.2f%% of the sampled training pixels are NaN (no data); they are left out of the loss "
+                "and the scores (--nan-policy mask)",
+                frames.label,
+                100 * normalisation.nan_fraction,
+            )
     if model_config.channels != frames.channels:
         raise UserError(f"{frames.label}: {frames.channels} channels, but the model expects {model_config.channels}")
     model_config.check_frame_size(frames.height, frames.width)
@@ -208,7 +206,10 @@ def _fit(
     elif rank == 0:
         if os.path.exists(os.path.join(run_dir, "last.pt")) and not force:
             raise UserError(f"{run_dir}: holds a run already; use --resume {run_dir} or --force to start over")
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--out {run_dir}: cannot create the run directory ({error.strerror})") from None
     net = DistributedDataParallel(model) if world > 1 else model
 
     def save(name: str) -> None:
@@ -228,6 +229,9 @@ def _fit(
             },
         )
 
+    if rank == 0 and options_toml is not None:
+        with open(os.path.join(run_dir, "config.toml"), "w") as file:
+            file.write(options_toml)
     if rank == 0:
         with open(os.path.join(run_dir, "config.json"), "w") as file:
             json.dump(
@@ -330,6 +334,9 @@ def _fit(
             if out_of_time:
                 log.info("stopping: --max-time %gs reached", config.max_time)
                 break
+            if config.patience and progress.epoch - progress.best_epoch >= config.patience:
+                log.info("stopping: no better validation loss for %d epochs (--patience)", config.patience)
+                break
     except KeyboardInterrupt:
         progress.elapsed = time.perf_counter() - started
         save("last.pt")
@@ -374,6 +381,5 @@ def validate(net, frames, windows, spec, normalisation, config, device, precisio
         weight = valid.double()
         total[0] += ((prediction.double() - target) ** 2 * weight).sum()
         total[1] += weight.sum()
-    if world > 1:
-        dist.all_reduce(total)
+    total = distributed.sum_over_processes(total, device)
     return (total[0] / total[1].clamp(min=1)).item()

@@ -1,0 +1,37 @@
+"""Several processes under torchrun: NCCL between GPUs, gloo between CPUs. Without torchrun, one process."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup() -> tuple[int, int]:
+    """(rank, world size), joining the process group that torchrun's environment describes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist.get_rank(), world
+
+
+def process_device(device: torch.device) -> torch.device:
+    """Under torchrun each process drives the GPU of its local rank."""
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def sum_over_processes(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The element-wise sum of ``tensor`` over all processes (itself when there is one)."""
+    if not dist.is_initialized():
+        return tensor
+    on_device = tensor.to(device)
+    dist.all_reduce(on_device)
+    return on_device.to(tensor.device)
