@@ -194,7 +194,8 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def test_bad_input_gives_one_line_and_exit_2(trained, tmp_path):
+def test_bad_input_gives_one_line_and_exit_2(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a row that wrongly succeeded would write runs/ here, not in the checkout
     for arguments, message in _bad_inputs(tmp_path, trained):
         result = runner.invoke(app, arguments)
         assert result.exit_code == 2, (arguments, result.output)

@@ -1,0 +1,197 @@
+"""Runs users can trust: interrupts, configs, early stopping, and every bad input as one clean line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from convgru_cli import checkpoint, train
+from convgru_cli.cli import app
+from convgru_cli.synth import font_glyphs, moving_digits
+from tests.conftest import write_h5
+from tests.test_cli import TRAIN, convgru_command
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 32x32 single-channel checkpoint trained for one epoch, and its data."""
+    workdir = tmp_path_factory.mktemp("trust")
+    data = write_h5(workdir / "data.h5", moving_digits(16, 6, font_glyphs(), size=32, digits=1, seed=3))
+    result = runner.invoke(app, ["train", data, *TRAIN, "--epochs", "1", "--out", str(workdir / "run")])
+    assert result.exit_code == 0, result.output
+    return workdir
+
+
+def test_config_file_with_command_line_overrides_and_repeat(run, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'data = "{run / "data.h5"}"\ninput-frames = 3\noutput-frames = 3\nbatch_size = 4\nepochs = 3\n'
+        'device = "cpu"\nlr = 0.001\n'
+    )
+    result = runner.invoke(app, ["train", "--config", str(config), "--epochs", "1", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    saved = checkpoint.load(str(tmp_path / "a" / "last.pt"))
+    assert saved["train_config"]["epochs"] == 1 and saved["train_config"]["lr"] == 0.001
+    repeat = runner.invoke(
+        app, ["train", "--config", str(tmp_path / "a" / "config.toml"), "--out", str(tmp_path / "b")]
+    )
+    assert repeat.exit_code == 0, repeat.output
+    again = checkpoint.load(str(tmp_path / "b" / "last.pt"))
+    assert again["train_config"] == saved["train_config"]
+    for name, tensor in saved["model"].items():
+        torch.testing.assert_close(tensor, again["model"][name])
+    config.write_text("epoch = 3\n")
+    bad = runner.invoke(app, ["train", "--config", str(config)])
+    assert bad.exit_code == 2 and "unknown train option 'epoch'" in bad.stderr
+
+
+def test_patience_stops_early(digits_file, tmp_path, monkeypatch):
+    losses = iter([1.0, 2.0, 3.0, 4.0, 5.0])
+    monkeypatch.setattr(train, "validate", lambda *args: next(losses))
+    spec = train.data.DataSpec(None, None, 3, 3, stride=2, val_fraction=0.25)
+    config = train.TrainConfig(epochs=5, batch_size=4, patience=2, device="cpu", precision="fp32")
+    from convgru_cli.model import make_config
+
+    summary = train.train(digits_file, spec, make_config("fast", 1), config, str(tmp_path / "r"), show_progress=False)
+    assert summary["epochs"] == 3 and summary["best_epoch"] == 1
+
+
+def test_sigint_saves_a_checkpoint_that_resume_finishes(tmp_path):
+    data = write_h5(tmp_path / "d.h5", moving_digits(64, 6, font_glyphs(), size=32, digits=1, seed=4))
+    run_dir = tmp_path / "run"
+    command = [*convgru_command(), "train", data, *TRAIN, "--epochs", "100", "--out", str(run_dir)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # into the second epoch
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert f"--resume {run_dir}" in stderr and "Traceback" not in stderr
+    done = checkpoint.load(str(run_dir / "last.pt"))["progress"]
+    finish = done["epoch"] + 1
+    resumed = subprocess.run(
+        [*convgru_command(), "train", data, "--resume", str(run_dir), "--epochs", str(finish), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["epochs"] == finish
+
+
+def test_sigterm_also_saves(tmp_path):
+    data = write_h5(tmp_path / "d.h5", moving_digits(64, 6, font_glyphs(), size=32, digits=1, seed=5))
+    run_dir = tmp_path / "run"
+    command = [*convgru_command(), "train", data, *TRAIN, "--epochs", "100", "--out", str(run_dir)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert (run_dir / "last.pt").is_file()
+    assert not [name for name in os.listdir(run_dir) if name.startswith(".tmp-")]
+
+
+def _invoke(arguments):
+    result = runner.invoke(app, arguments)
+    return result.exit_code, result.stderr
+
+
+def test_bad_data_rows(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a row that wrongly succeeded would write runs/ here, not in the checkout
+    best = str(run / "run" / "best.pt")
+    empty = tmp_path / "empty.h5"
+    with h5py.File(empty, "w") as file:
+        file.create_dataset("frames", shape=(0, 6, 32, 32), dtype="f4")
+    nan = np.random.default_rng(0).random((8, 6, 32, 32)).astype(np.float32)
+    nan[:, :, :4] = np.nan
+    nan_file = write_h5(tmp_path / "nan.h5", nan)
+    inf = nan.copy()
+    inf[2, 3, 10, 10] = np.inf
+    inf_file = write_h5(tmp_path / "inf.h5", np.where(np.isnan(inf), 0.0, inf))
+    two_channels = write_h5(tmp_path / "c2.h5", np.zeros((4, 6, 2, 32, 32), dtype=np.float32))
+    odd_size = write_h5(tmp_path / "odd.h5", np.zeros((16, 6, 30, 30), dtype=np.float32))
+    output = str(tmp_path / "o.h5")
+    rows = [
+        (["train", str(empty)], "dataset is empty"),
+        (["train", nan_file, *TRAIN, "--nan-policy", "error"], "NaN values (--nan-policy error)"),
+        (["train", nan_file, *TRAIN, "--nan-policy", "maybe"], "--nan-policy maybe"),
+        (["train", inf_file, *TRAIN], "infinite values"),
+        (["train", odd_size, *TRAIN], "multiples of 8"),
+        (["predict", two_channels, "--checkpoint", best, "-o", output], "2 channels, but"),
+        (["predict", odd_size, "--checkpoint", best, "-o", output], "multiples of 8"),
+        (["predict", str(run / "data.h5"), "--checkpoint", best, "-o", str(tmp_path / "no" / "o.h5")], "no/o.h5"),
+        (["train", str(run / "data.h5"), *TRAIN, "--out", str(run / "data.h5" / "run")], "--out"),
+        (["train", str(run / "data.h5"), *TRAIN, "--batch-size", "500"], "--batch-size 500"),
+        (["train", str(run / "data.h5"), *TRAIN, "--out", str(run / "run")], "--resume"),
+        (["info", str(run / "data.h5")], "not a readable convgru checkpoint"),
+    ]
+    for arguments, message in rows:
+        code, stderr = _invoke(arguments)
+        assert code == 2, (arguments, stderr)
+        assert message in stderr and len(stderr.strip().splitlines()) == 1, (arguments, stderr)
+    assert not os.path.exists(output)
+
+
+def test_nan_is_masked_with_one_warning(tmp_path):
+    array = moving_digits(8, 6, font_glyphs(), size=32, digits=1, seed=6).astype(np.float32)
+    array[:, :, :8] = np.nan
+    path = write_h5(tmp_path / "nan.h5", array)
+    result = runner.invoke(app, ["train", path, *TRAIN, "--epochs", "1", "--out", str(tmp_path / "r"), "--json"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "NaN" in line]
+    assert len(warnings) == 1 and "25.00%" in warnings[0]
+    assert np.isfinite(json.loads(result.stdout)["best_val_loss"])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=5).map(tuple),
+    dtype=st.sampled_from(["uint8", "int16", "float32", "float64"]),
+    special=st.sampled_from([None, np.nan, np.inf, -9999.0]),
+    size=st.sampled_from([None, 32]),
+)
+def test_any_array_predicts_or_fails_cleanly(run, tmp_path, shape, dtype, special, size):
+    if size:  # often enough a shape the model can take
+        shape = (*shape[:-2], size, size) if len(shape) >= 3 else shape
+    array = np.random.default_rng(0).random(shape) * 100
+    if special is not None and np.issubdtype(np.dtype(dtype), np.floating):
+        array.flat[0] = special
+    path = write_h5(tmp_path / "random.h5", array.astype(dtype))
+    output = tmp_path / "out.h5"
+    if output.exists():
+        output.unlink()
+    result = runner.invoke(
+        app, ["predict", path, "--frames", "2", "--checkpoint", str(run / "run" / "best.pt"), "-o", str(output)]
+    )
+    assert result.exit_code in (0, 2), (shape, dtype, special, result.output)
+    if result.exit_code == 0:
+        with h5py.File(output) as file:
+            forecast = file["forecast"][()]
+        assert forecast.shape[-2:] == shape[-2:] and np.isfinite(forecast).all()
+    else:
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "convgru_cli", "--debug", "info", str(tmp_path / "x.pt")], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "Traceback" in done.stderr and "UserError" in done.stderr
