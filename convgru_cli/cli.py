@@ -145,6 +145,12 @@ def _merge_config(ctx: typer.Context, path: str | None) -> dict:
     return options
 
 
+def _cache(choice: str) -> bool | None:
+    if choice not in ("auto", "on", "off"):
+        raise UserError(f"--cache {choice}: choose auto, on or off")
+    return None if choice == "auto" else choice == "on"
+
+
 def _toml(options: dict) -> str:
     """Flat TOML; JSON's literals for strings, numbers and booleans are valid TOML."""
     lines = [f"{name.replace('_', '-')} = {json.dumps(value)}" for name, value in options.items() if value is not None]
@@ -164,18 +170,27 @@ def train(
     stride: Annotated[int, typer.Option(help="Step between windows cut from long sequences.")] = 1,
     val_fraction: Annotated[float, typer.Option(help="Share of sequences (or of a series' time) held out.")] = 0.1,
     nan_policy: Annotated[
-        str, typer.Option(help="NaN (no data): mask (left out of loss and scores), zero, error.")
+        str, typer.Option(help="NaN (no data): mask (out of loss and scores), zero, error.")
     ] = "mask",
+    mask_dataset: Annotated[str | None, typer.Option(help="Boolean dataset, True = valid (auto: 'mask').")] = None,
+    log_transform: Annotated[bool, typer.Option(help="Model log(1 + x), e.g. for rain rates.")] = False,
+    clip: Annotated[str | None, typer.Option(help="LOW,HIGH bounds in data units, applied first.")] = None,
+    cache: Annotated[str, typer.Option(help="Hold the data in memory: auto (if it fits in 2 GiB), on, off.")] = "auto",
     arch: Annotated[str, typer.Option(help="Architecture: fast, shi-mnist or hko7.")] = "fast",
     cell: Annotated[str, typer.Option(help="convgru, convgru-textbook or convlstm.")] = "convgru",
     epochs: Annotated[int | None, typer.Option(help="Passes over the training windows [default: 10].")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per step (per process under torchrun).")] = 16,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = 2e-3,
-    loss: Annotated[str, typer.Option(help="mse, mae or mse+mae.")] = "mse+mae",
-    clip: Annotated[float, typer.Option(help="Gradient-norm clipping.")] = 1.0,
+    loss: Annotated[str, typer.Option(help="mse, mae, mse+mae or balanced (Shi 2017, for rain).")] = "mse+mae",
+    balance_thresholds: Annotated[str, typer.Option(help="--loss balanced: data-unit levels.")] = "2,5,10,30",
+    balance_weights: Annotated[
+        str, typer.Option(help="--loss balanced: weight below, between, above.")
+    ] = "1,2,5,10,30",
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clipping.")] = 1.0,
     seed: int = 0,
     max_time: Annotated[float | None, typer.Option(help="Stop cleanly after this many seconds of training.")] = None,
     patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without a better val loss.")] = None,
+    compile: Annotated[bool, typer.Option(help="torch.compile the model (CUDA graphs on CUDA); slow start.")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: 0 in memory, else 2).")] = None,
@@ -205,8 +220,13 @@ def train(
     show_progress = not settings.get("quiet")
     if resume:
         changes = {k: o[k] for k in ("epochs", "max_time", "workers", "patience") if o[k] is not None}
+        if ctx.get_parameter_source("cache").name == "COMMANDLINE":
+            changes["cache"] = _cache(o["cache"])
         summary = training.resume(o["data"], resume, show_progress, device=o["device"], **changes)
     else:
+        clip_bounds = _floats(o["clip"], "--clip")
+        if o["clip"] and (len(clip_bounds) != 2 or clip_bounds[0] >= clip_bounds[1]):
+            raise UserError(f"--clip {o['clip']}: expected LOW,HIGH with LOW < HIGH")
         spec = DataSpec(
             o["dataset"],
             o["layout"],
@@ -215,16 +235,23 @@ def train(
             o["stride"],
             o["val_fraction"],
             o["nan_policy"],
+            o["mask_dataset"],
+            o["log_transform"],
+            clip_bounds or None,
         )
         train_config = training.TrainConfig(
             epochs=o["epochs"] or 10,
             batch_size=o["batch_size"],
             lr=o["lr"],
             loss=o["loss"],
-            clip=o["clip"],
+            grad_clip=o["grad_clip"],
             seed=o["seed"],
             max_time=o["max_time"],
             patience=o["patience"],
+            compile=o["compile"],
+            balance_thresholds=_floats(o["balance_thresholds"], "--balance-thresholds"),
+            balance_weights=_floats(o["balance_weights"], "--balance-weights"),
+            cache=_cache(o["cache"]),
             device=o["device"],
             precision=o["precision"],
             workers=o["workers"],
@@ -259,15 +286,31 @@ def predict(
     layout: LayoutOpt = None,
     start: Annotated[int | None, typer.Option(help="First input frame (default: the last frames).")] = None,
     batch_size: int = 16,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing output file.")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite existing output files.")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    png: Annotated[str | None, typer.Option(help="Draw inputs | truth | forecast of one sequence as a PNG.")] = None,
+    gif: Annotated[str | None, typer.Option(help="The same as an animated GIF, one frame per lead time.")] = None,
+    picture_sequence: Annotated[int, typer.Option(help="Which sequence --png/--gif draw.")] = 0,
 ) -> None:
     """Forecast the frames that follow each sequence; HDF5 in, HDF5 out (in the data's units)."""
     from convgru_cli.forecast import predict_file
 
     result = predict_file(
-        data, frames, checkpoint, output, dataset, layout, start, batch_size, force, device, precision
+        data,
+        frames,
+        checkpoint,
+        output,
+        dataset,
+        layout,
+        start,
+        batch_size,
+        force,
+        device,
+        precision,
+        png,
+        gif,
+        picture_sequence,
     )
     log.info(
         "forecast %s from %s written to %s", "x".join(map(str, result["shape"])), result["checkpoint"], result["output"]
@@ -281,21 +324,42 @@ def evaluate(
     checkpoint: CheckpointOpt = None,
     split: Annotated[str, typer.Option(help="all: every window; val: the checkpoint's validation split.")] = "all",
     thresholds: Annotated[str | None, typer.Option(help="Event thresholds in data units, e.g. 0.5,2,5.")] = None,
+    forecast: Annotated[str | None, typer.Option(help="Score this forecast file (any model's) instead.")] = None,
+    truth: Annotated[str | None, typer.Option(help="With --forecast: the observed frames.")] = None,
+    truth_start: Annotated[int | None, typer.Option(help="With --forecast: truth frame of lead 1.")] = None,
     dataset: DatasetOpt = None,
     layout: LayoutOpt = None,
     batch_size: int = 16,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    csv: Annotated[str | None, typer.Option(help="Also write method,metric,lead_time,value rows here.")] = None,
+    plot: Annotated[str | None, typer.Option(help="Also draw each score against lead time (PNG).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite existing --csv/--plot files.")] = False,
 ) -> None:
-    """Score the model per lead time against persistence and climatology (MSE, MAE, SSIM, PSNR, CSI...)."""
-    from convgru_cli.evaluate import evaluate_file
+    """Score forecasts per lead time against persistence, optical flow and climatology (MSE, MAE, SSIM, PSNR;
+    CSI, POD, FAR, HSS, ETS and bias at --thresholds)."""
+    from convgru_cli import evaluate as verification
+    from convgru_cli import pictures
 
-    report = evaluate_file(
-        data, checkpoint, dataset, layout, split, _floats(thresholds, "--thresholds"), batch_size, device, precision
-    )
+    levels = _floats(thresholds, "--thresholds")
+    for path in (csv, plot):
+        if path and os.path.exists(path) and not force:
+            raise UserError(f"{path}: already exists; use --force to overwrite it")
+    if forecast:
+        if truth is None or data is not None:
+            raise UserError("--forecast needs --truth FILE (and no DATA argument)")
+        report = verification.evaluate_forecasts(forecast, truth, truth_start, dataset, layout, levels, batch_size)
+    else:
+        report = verification.evaluate_file(
+            data, checkpoint, dataset, layout, split, levels, batch_size, device, precision
+        )
     if not _main_process():
         return
+    if csv:
+        verification.write_csv(csv, report, force)
+    if plot:
+        pictures.save_png(plot, pictures.plot_scores(report), force)
     if as_json:
         typer.echo(_json(report))
     else:
@@ -304,7 +368,8 @@ def evaluate(
 
 def _print_report(report: dict) -> None:
     methods = list(report["scores"])
-    metrics = [m for m in report["scores"]["model"] if "@" not in m or m.startswith("csi@")]
+    first = next(iter(report["scores"].values()))
+    metrics = [m for m in first if m in ("mse", "mae", "ssim") or m.startswith("csi@")]  # the rest: --json, --csv
     table = Table(title=f"{report['data']}: {report['windows']} windows, units {report['units'] or '-'}")
     table.add_column("lead", justify="right")
     for metric in metrics:
@@ -369,6 +434,61 @@ def synth(
     source = f"MNIST {mnist.name}" if mnist else "built-in 5x7 font"
     synthesis.write_sequences(output, array, force=force, description=f"moving digits ({source}), seed {seed}")
     log.info("wrote %s: %d sequences of %d frames, %dx%d", output, sequences, frames, size, size)
+
+
+@data_app.command()
+@_reported
+def inspect(
+    file: Annotated[str, typer.Argument(help="HDF5 file.")],
+    input_frames: int = 10,
+    output_frames: int = 10,
+    stride: int = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Datasets, shapes, dtypes, chunking, compression, value ranges, no-data fraction, layout and windows."""
+    from convgru_cli.datafiles import inspect_file
+
+    report = inspect_file(file, input_frames, output_frames, stride)
+    if as_json:
+        typer.echo(_json(report))
+        return
+    table = Table(title=file)
+    for column in ("dataset", "shape", "dtype", "chunks", "compression", "layout", "range", "no data", "windows"):
+        table.add_column(column)
+    for d in report["datasets"]:
+        value_range = f"{d['min']:.4g} .. {d['max']:.4g}" if d.get("min") is not None else ""
+        no_data = f"{d['no_data_fraction']:.1%}" if "no_data_fraction" in d else ""
+        table.add_row(
+            d["name"],
+            "x".join(map(str, d["shape"])),
+            d["dtype"],
+            str(d["chunks"] or "-"),
+            str(d["compression"] or "-"),
+            d.get("layout", ""),
+            value_range,
+            no_data,
+            str(d.get("windows", "")),
+        )
+    Console().print(table)
+    for d in report["datasets"]:
+        if "problem" in d:
+            typer.echo(f"{d['name']}: {d['problem']}")
+
+
+@data_app.command("import")
+@_reported
+def import_(
+    source: Annotated[str, typer.Argument(help="A numpy .npy array, e.g. Moving MNIST's mnist_test_seq.npy.")],
+    output: Annotated[str, typer.Argument(help="HDF5 file to write.")],
+    layout: Annotated[str, typer.Option(help="Axis letters of the array, e.g. TNHW for mnist_test_seq.npy.")],
+    dataset: str = "frames",
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a numpy array to HDF5 with its layout recorded, chunked one sequence per chunk."""
+    from convgru_cli.datafiles import import_array
+
+    result = import_array(source, output, layout, dataset, force)
+    log.info("wrote %s: %s %s", output, result["layout"], "x".join(map(str, result["shape"])))
 
 
 def main() -> None:

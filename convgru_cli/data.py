@@ -36,6 +36,9 @@ class DataSpec:
     stride: int = 1
     val_fraction: float = 0.1
     nan_policy: str = "mask"  # NaN is no-data: masked out of loss and scores, set to zero, or refused
+    mask_dataset: str | None = None
+    log_transform: bool = False  # model log(1 + x): rain rates span orders of magnitude
+    clip: tuple[float, float] | None = None  # data-unit bounds applied before anything else
 
     @property
     def window(self) -> int:
@@ -89,8 +92,10 @@ def _datasets(file: h5py.File) -> list[str]:
     return names
 
 
-def resolve_layout(shape: tuple[int, ...], layout: str | None, label: str) -> str:
-    """The layout letters for a dataset: the one given (checked against the rank), or the usual one."""
+def resolve_layout(shape: tuple[int, ...], layout: str | None, label: str, recorded: str = "") -> str:
+    """The layout letters for a dataset: the one given, the one recorded in its ``layout`` attribute, or one
+    read off the shape where that is unambiguous enough (rank 4: NTHW, or SEVIR's NHWT when the two middle axes
+    are equal and the largest)."""
     if layout:
         layout = layout.upper()
         if sorted(layout) not in (sorted("THW"), sorted("TCHW"), sorted("NTHW"), sorted("NTCHW")):
@@ -98,13 +103,44 @@ def resolve_layout(shape: tuple[int, ...], layout: str | None, label: str) -> st
         if len(layout) != len(shape):
             raise UserError(f"{label}: layout {layout} has {len(layout)} axes but the dataset has shape {shape}")
         return layout
+    if recorded and len(recorded) == len(shape):
+        return resolve_layout(shape, recorded, label)
     if len(shape) not in LAYOUTS_BY_RANK:
         raise UserError(f"{label}: dataset of shape {shape} is not a frame sequence (expected rank 3, 4 or 5)")
+    if len(shape) == 4 and shape[1] == shape[2] and shape[1] > max(shape[0], shape[3]) and shape[3] > 1:
+        return "NHWT"
     return LAYOUTS_BY_RANK[len(shape)]
 
 
+class _Array:
+    """A dataset held in memory when asked to, else read lazily with a handle opened once per process."""
+
+    def __init__(self, file: h5py.File, dataset: str, in_memory: bool):
+        self.path = file.filename if isinstance(file.filename, str) and os.path.exists(file.filename) else None
+        self.dataset = dataset
+        self.array: np.ndarray | h5py.Dataset | None = file[dataset][()] if in_memory or not self.path else None
+        self.pid = os.getpid()
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.array, np.ndarray)
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        # Each DataLoader worker opens its own handle: h5py handles must not cross a fork.
+        if not self.in_memory and (self.array is None or self.pid != os.getpid()):
+            self.array = h5py.File(self.path, "r")[self.dataset]
+            self.pid = os.getpid()
+        return self.array[index]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "array": self.array if self.in_memory else None}
+
+
 class Frames:
-    """A frame dataset seen as sequences of [T, C, H, W] frames, whatever its layout on disk."""
+    """A frame dataset seen as sequences of [T, C, H, W] frames, whatever its layout on disk.
+
+    No-data pixels are NaN in float data, or False in a boolean ``mask`` dataset of the same shape (used when
+    the file has one, or named with ``mask_dataset``); masked pixels are read as NaN."""
 
     def __init__(
         self,
@@ -113,13 +149,14 @@ class Frames:
         layout: str | None = None,
         cache: bool | None = None,
         nan_policy: str = "mask",
+        mask_dataset: str | None = None,
     ):
         if nan_policy not in NAN_POLICIES:
             raise UserError(f"--nan-policy {nan_policy}: choose one of {', '.join(NAN_POLICIES)}")
         self.nan_policy = nan_policy
         source = file[dataset]
         self.label = f"{file.filename if isinstance(file.filename, str) else 'input'}:{dataset}"
-        self.layout = resolve_layout(source.shape, layout, self.label)
+        self.layout = resolve_layout(source.shape, layout, self.label, str(source.attrs.get("layout", "")))
         if not (np.issubdtype(source.dtype, np.integer) or np.issubdtype(source.dtype, np.floating)):
             raise UserError(f"{self.label}: dtype {source.dtype} is not numeric")
         if source.size == 0:
@@ -132,39 +169,44 @@ class Frames:
         self.height, self.width = sizes["H"], sizes["W"]
         self.units = str(source.attrs.get("units", file.attrs.get("units", "")))
         self.timestep_minutes = float(source.attrs.get("timestep_minutes", file.attrs.get("timestep_minutes", 0)))
-        self._path = file.filename if isinstance(file.filename, str) and os.path.exists(file.filename) else None
         self.dataset = dataset
-        keep_in_memory = source.nbytes <= CACHE_BYTES if cache is None else cache
-        if keep_in_memory or self._path is None:
-            self._array: np.ndarray | h5py.Dataset | None = source[()]
-        else:
-            self._array = None
-        self._pid = os.getpid()
+        in_memory = source.nbytes <= CACHE_BYTES if cache is None else cache
+        try:
+            self._frames = _Array(file, dataset, in_memory)
+        except OSError as error:  # e.g. a compression filter this h5py cannot decode
+            raise UserError(f"{self.label}: cannot read ({error})") from None
+        self._mask = self._open_mask(file, source.shape, mask_dataset, in_memory)
+
+    def _open_mask(self, file: h5py.File, shape: tuple, name: str | None, in_memory: bool) -> _Array | None:
+        if name is None:
+            sibling = self.dataset.rsplit("/", 1)[0] + "/mask" if "/" in self.dataset else "mask"
+            if sibling not in file or file[sibling].shape != shape:
+                return None
+            name = sibling
+        if name not in file:
+            raise UserError(f"--mask-dataset {name}: no such dataset in {self.label.rsplit(':', 1)[0]}")
+        if file[name].shape != shape:
+            raise UserError(f"{name}: mask of shape {file[name].shape}, but the frames have shape {shape}")
+        return _Array(file, name, in_memory)
 
     @property
     def in_memory(self) -> bool:
-        return isinstance(self._array, np.ndarray)
+        return self._frames.in_memory
 
     @property
     def is_series(self) -> bool:
         return "N" not in self.layout
 
-    def _source(self) -> np.ndarray | h5py.Dataset:
-        if self.in_memory:
-            return self._array
-        # Each DataLoader worker opens its own handle: h5py handles must not cross a fork.
-        if self._array is None or self._pid != os.getpid():
-            self._array = h5py.File(self._path, "r")[self.dataset]
-            self._pid = os.getpid()
-        return self._array
-
     def read(self, sequence: int, start: int, length: int) -> np.ndarray:
-        """Frames [start, start+length) of one sequence as [length, C, H, W] in the stored dtype."""
+        """Frames [start, start+length) of one sequence as [length, C, H, W], in the stored dtype unless a mask
+        applies (then float32 with NaN where there is no data)."""
         index = tuple(
             sequence if axis == "N" else slice(start, start + length) if axis == "T" else slice(None)
             for axis in self.layout
         )
-        block = self._source()[index]
+        block = self._frames[index]
+        if self._mask is not None:
+            block = np.where(self._mask[index].astype(bool), block.astype(np.float32), np.float32(np.nan))
         if np.issubdtype(block.dtype, np.floating):
             block = self._checked(block, sequence, start)
         axes = [a for a in self.layout if a != "N"]
@@ -183,12 +225,6 @@ class Frames:
                 raise UserError(f"{where}: NaN values (--nan-policy error); use --nan-policy mask or zero")
             block = np.nan_to_num(block, nan=0.0)
         return block
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        if isinstance(state["_array"], h5py.Dataset):
-            state["_array"] = None
-        return state
 
 
 def windows(frames: Frames, length: int, stride: int) -> list[tuple[int, int]]:
@@ -225,6 +261,11 @@ def split_windows(frames: Frames, spec: DataSpec) -> tuple[list[tuple[int, int]]
     return train, val
 
 
+def mask_in(file: h5py.File, spec: DataSpec) -> str | None:
+    """The mask dataset a model was trained with, where this file has it too (else the file's own ``mask``)."""
+    return spec.mask_dataset if spec.mask_dataset and spec.mask_dataset in file else None
+
+
 class WindowDataset(torch.utils.data.Dataset):
     def __init__(self, frames: Frames, window_list: list[tuple[int, int]], length: int):
         self.frames = frames
@@ -251,6 +292,8 @@ class Normalisation:
     units: str
     mean_frame: torch.Tensor  # [C, H, W] in data units: the climatology baseline
     nan_fraction: float = 0.0  # share of no-data pixels in the sampled training windows
+    log_transform: bool = False
+    clip: tuple[float, float] | None = None
 
     @property
     def zero_one_scale(self) -> float | None:
@@ -266,14 +309,23 @@ class Normalisation:
 
     def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch [B, T, C, H, W] of raw frames -> (normalised float32 frames, mask of valid pixels)."""
-        x = x.float()
+        x = self.transform(x.float())
         valid = torch.isfinite(x)
         offset, scale = self._broadcast(x)
         return torch.where(valid, (x - offset) / scale, 0.0), valid
 
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """Data units -> the space the statistics live in (clipped, then log(1 + x) if asked)."""
+        if self.clip:
+            x = x.clamp(*self.clip)
+        return torch.log1p(x.clamp(min=0)) if self.log_transform else x
+
     def denormalise(self, x: torch.Tensor) -> torch.Tensor:
         offset, scale = self._broadcast(x)
-        return x * scale + offset
+        x = x * scale + offset
+        if self.log_transform:
+            x = torch.expm1(x).clamp(min=0)
+        return x.clamp(*self.clip) if self.clip else x
 
     def _broadcast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (len(self.offset), 1, 1)
@@ -283,20 +335,31 @@ class Normalisation:
 
 
 def compute_normalisation(
-    frames: Frames, train: list[tuple[int, int]], length: int, samples: int = 512
+    frames: Frames,
+    train: list[tuple[int, int]],
+    length: int,
+    log_transform: bool = False,
+    clip: tuple[float, float] | None = None,
+    samples: int = 512,
 ) -> Normalisation:
-    """Statistics of up to ``samples`` training windows spread evenly over the training split."""
+    """Statistics of up to ``samples`` training windows spread evenly over the training split: offset and scale
+    in the transformed space, range and mean frame (the climatology) in data units."""
     step = max(1, len(train) // samples)
     total = np.zeros((frames.channels, frames.height, frames.width))
     total_sq = np.zeros(frames.channels)
+    transformed_total = np.zeros(frames.channels)
     count = np.zeros((frames.channels, frames.height, frames.width))
     data_min, data_max = math.inf, -math.inf
     for sequence, start in train[::step]:
         block = frames.read(sequence, start, length).astype(np.float64)
+        if clip:
+            block = np.clip(block, *clip)
         valid = np.isfinite(block)
         block = np.where(valid, block, 0.0)
         total += block.sum(axis=0)
-        total_sq += (block**2).sum(axis=(0, 2, 3))
+        moved = np.log1p(np.maximum(block, 0)) if log_transform else block
+        transformed_total += moved.sum(axis=(0, 2, 3))
+        total_sq += (moved**2).sum(axis=(0, 2, 3))
         count += valid.sum(axis=0)
         if valid.any():
             data_min = min(data_min, float(block[valid].min()))
@@ -304,9 +367,10 @@ def compute_normalisation(
     if not count.any():
         raise UserError(f"{frames.label}: the training split holds no valid value (all NaN)")
     per_channel = count.sum(axis=(1, 2))
-    mean = total.sum(axis=(1, 2)) / per_channel
+    mean = transformed_total / per_channel
     std = np.sqrt(np.maximum(total_sq / per_channel - mean**2, 0.0))
-    mean_frame = np.where(count > 0, total / np.maximum(count, 1), mean[:, None, None])
+    raw_mean = total.sum(axis=(1, 2)) / per_channel
+    mean_frame = np.where(count > 0, total / np.maximum(count, 1), raw_mean[:, None, None])
     return Normalisation(
         offset=mean.tolist(),
         scale=np.where(std > 1e-8, std, 1.0).tolist(),
@@ -316,4 +380,6 @@ def compute_normalisation(
         units=frames.units,
         mean_frame=torch.from_numpy(mean_frame).float(),
         nan_fraction=float(1 - count.sum() / (len(train[::step]) * length * count.size)),
+        log_transform=log_transform,
+        clip=clip,
     )

@@ -1,21 +1,67 @@
-"""Verification: the model's forecasts and the baselines, scored per lead time on every window of a file.
+"""Verification: forecasts and baselines scored per lead time on every window of a file.
 
-Baselines: persistence (the last input frame held) and climatology (the training split's mean frame,
-stored in the checkpoint). On moving digits a blank frame already beats persistence, so a model has to
-beat both to show skill.
+Baselines: persistence (the last input frame held), optical-flow extrapolation (baselines.py) and, for our
+own models, climatology (the training split's mean frame, stored in the checkpoint). On moving digits a blank
+frame already beats persistence, so a model has to beat all of them to show skill.
+``evaluate_forecasts`` scores forecasts made by any model, ours or not, against a truth file.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import numpy as np
 import torch
 
-from convgru_cli import checkpoint, data, distributed
+from convgru_cli import baselines, checkpoint, data, distributed
 from convgru_cli.errors import UserError
+from convgru_cli.files import write_atomically
 from convgru_cli.forecast import Forecaster
 from convgru_cli.metrics import Scores, mean_over_leads
 
-METHODS = ("model", "persistence", "climatology")
+# A batch of (inputs [B, T_in, C, H, W] raw, truth [B, T_out, C, H, W] raw, {method: forecast} or None)
+Batch = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+
+def _score(
+    batches: Iterator[Batch],
+    methods: list[str],
+    lead_times: int,
+    data_range: float,
+    thresholds: tuple[float, ...],
+    zero_one_scale: float | None,
+    device: torch.device,
+) -> tuple[dict, dict]:
+    """Run every batch through the scores of every method, summed over torchrun processes."""
+    scores = {m: Scores(lead_times, data_range, thresholds, zero_one_scale) for m in methods}
+    for inputs, truth, forecasts in batches:
+        truth = truth.float()
+        valid = torch.isfinite(truth)
+        truth = torch.nan_to_num(truth)
+        if inputs.shape[1] >= 1:
+            forecasts["persistence"] = torch.nan_to_num(baselines.persistence(inputs.float(), lead_times))
+        if inputs.shape[1] >= 2:
+            forecasts["optical_flow"] = baselines.optical_flow(inputs, lead_times)
+        for method in methods:
+            scores[method].update(forecasts[method], truth, valid)
+    for method_scores in scores.values():
+        method_scores.load_state(distributed.sum_over_processes(method_scores.state(), device))
+    per_lead = {method: s.compute() for method, s in scores.items()}
+    return per_lead, {method: mean_over_leads(values) for method, values in per_lead.items()}
+
+
+def _report(source: str, frames: data.Frames, windows: int, lead_times: int, per_lead: dict, mean: dict) -> dict:
+    minutes = frames.timestep_minutes
+    return {
+        "data": source,
+        "dataset": frames.dataset,
+        "windows": windows,
+        "units": frames.units,
+        "lead_times": list(range(1, lead_times + 1)),
+        "lead_minutes": [minutes * k for k in range(1, lead_times + 1)] if minutes else None,
+        "scores": per_lead,
+        "mean": mean,
+    }
 
 
 def evaluate_file(
@@ -29,7 +75,8 @@ def evaluate_file(
     device: str = "auto",
     precision: str = "auto",
 ) -> dict:
-    """Scores as ``{"lead_times": [...], "scores": {method: {metric: [...]}}, "mean": {method: {metric: x}}}``."""
+    """Scores as ``{"lead_times": [...], "scores": {method: {metric: [...]}}, "mean": {method: {metric: x}}}``
+    for method in model, persistence, optical_flow, climatology."""
     if split not in ("all", "val"):
         raise UserError(f"--split {split}: choose all or val")
     rank, world = distributed.setup()
@@ -37,45 +84,102 @@ def evaluate_file(
         forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision)
         spec = forecaster.spec
         name = data.pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None))
-        frames = data.Frames(file, name, layout, nan_policy=spec.nan_policy)
+        frames = data.Frames(file, name, layout, None, spec.nan_policy, data.mask_in(file, spec))
     forecaster.check_frames(frames)
-    if split == "val":
-        _, chosen = data.split_windows(frames, spec)
-    else:
-        chosen = data.windows(frames, spec.window, spec.stride)
-
+    chosen = data.split_windows(frames, spec)[1] if split == "val" else data.windows(frames, spec.window, spec.stride)
     norm = forecaster.normalisation
-    data_range = norm.zero_one_scale or max(norm.data_max - norm.data_min, 1e-12)
-    scores = {m: Scores(spec.output_frames, data_range, thresholds, norm.zero_one_scale) for m in METHODS}
     climatology = norm.mean_frame.to(forecaster.device)
-    mine = chosen[rank::world]  # under torchrun each process scores a share; the sums are merged below
-    for begin in range(0, len(mine), batch_size):
-        batch = np.stack([frames.read(n, s, spec.window) for n, s in mine[begin : begin + batch_size]])
-        batch = torch.from_numpy(batch).to(forecaster.device)
-        inputs, truth = batch[:, : spec.input_frames], batch[:, spec.input_frames :].float()
-        valid = torch.isfinite(truth)
-        truth = torch.nan_to_num(truth)
-        last = torch.nan_to_num(inputs[:, -1:].float())
-        candidates = {
-            "model": forecaster.predict(inputs, spec.output_frames),
-            "persistence": last.expand_as(truth),
-            "climatology": climatology.expand_as(truth),
-        }
-        for method, prediction in candidates.items():
-            scores[method].update(prediction, truth, valid)
 
-    for method_scores in scores.values():
-        method_scores.load_state(distributed.sum_over_processes(method_scores.state(), forecaster.device))
-    per_lead = {method: s.compute() for method, s in scores.items()}
-    minutes = frames.timestep_minutes
-    return {
-        "checkpoint": forecaster.checkpoint_path,
-        "data": data_path or "<stdin>",
-        "dataset": name,
-        "windows": len(chosen),
-        "units": norm.units,
-        "lead_times": list(range(1, spec.output_frames + 1)),
-        "lead_minutes": [minutes * k for k in range(1, spec.output_frames + 1)] if minutes else None,
-        "scores": per_lead,
-        "mean": {method: mean_over_leads(values) for method, values in per_lead.items()},
-    }
+    def batches() -> Iterator[Batch]:
+        mine = chosen[rank::world]  # under torchrun each process scores a share
+        for begin in range(0, len(mine), batch_size):
+            batch = np.stack([frames.read(n, s, spec.window) for n, s in mine[begin : begin + batch_size]])
+            batch = torch.from_numpy(batch).to(forecaster.device)
+            inputs, truth = batch[:, : spec.input_frames], batch[:, spec.input_frames :]
+            model = forecaster.predict(inputs, spec.output_frames)
+            yield inputs, truth, {"model": model, "climatology": climatology.expand_as(model)}
+
+    methods = ["model", "persistence", "optical_flow", "climatology"]
+    data_range = norm.zero_one_scale or max(norm.data_max - norm.data_min, 1e-12)
+    per_lead, mean = _score(
+        batches(), methods, spec.output_frames, data_range, thresholds, norm.zero_one_scale, forecaster.device
+    )
+    report = _report(data_path or "<stdin>", frames, len(chosen), spec.output_frames, per_lead, mean)
+    return {"checkpoint": forecaster.checkpoint_path, **report}
+
+
+def evaluate_forecasts(
+    forecast_path: str,
+    truth_path: str,
+    truth_start: int | None = None,
+    dataset: str | None = None,
+    layout: str | None = None,
+    thresholds: tuple[float, ...] = (),
+    batch_size: int = 16,
+) -> dict:
+    """Score a forecast file (dataset ``forecast`` [N, T, (C,) H, W], from any model) against the frames of a
+    truth file from ``truth_start`` on: by default the frame after the forecast's recorded input window. The
+    truth frames before ``truth_start`` drive the persistence and optical-flow baselines."""
+    with data.open_hdf5(forecast_path) as file:
+        if "forecast" not in file:
+            raise UserError(f"{forecast_path}: no dataset 'forecast' (a convgru predict output, or the same layout)")
+        forecast = data.Frames(file, "forecast", str(file["forecast"].attrs.get("layout", "")) or None)
+        recorded = str(file.attrs.get("input_frames", ""))
+    with data.open_hdf5(truth_path) as file:
+        truth = data.Frames(file, data.pick_dataset(file, dataset), layout)
+    if truth_start is None:
+        truth_start = int(recorded.split("..")[1]) + 1 if ".." in recorded else 0
+    lead_times = forecast.steps
+    if (truth.sequences, truth.channels, truth.height, truth.width) != (
+        forecast.sequences, forecast.channels, forecast.height, forecast.width
+    ):  # fmt: skip
+        raise UserError(
+            f"{forecast_path} and {truth_path}: forecast has {forecast.sequences} sequences of "
+            f"{forecast.channels}x{forecast.height}x{forecast.width}, truth {truth.sequences} of "
+            f"{truth.channels}x{truth.height}x{truth.width}"
+        )
+    if not 0 <= truth_start <= truth.steps - lead_times:
+        raise UserError(
+            f"{truth_path}: no {lead_times} truth frames from frame {truth_start} (it has {truth.steps}); "
+            "set --truth-start"
+        )
+    history = min(truth_start, 4)
+
+    def batches() -> Iterator[Batch]:
+        for begin in range(0, truth.sequences, batch_size):
+            sequences = range(begin, min(begin + batch_size, truth.sequences))
+            inputs = _stack(lambda n: truth.read(n, truth_start - history, history), sequences)
+            observed = _stack(lambda n: truth.read(n, truth_start, lead_times), sequences)
+            predicted = _stack(lambda n: forecast.read(n, 0, lead_times), sequences)
+            yield inputs, observed, {"forecast": torch.nan_to_num(predicted.float())}
+
+    methods = ["forecast"] + (["persistence"] if history >= 1 else []) + (["optical_flow"] if history >= 2 else [])
+    if truth.dtype == np.uint8:
+        data_range, zero_one = 255.0, 255.0
+    else:
+        sample = truth.read(0, 0, truth.steps)
+        low, high = float(np.nanmin(sample)), float(np.nanmax(sample))
+        data_range, zero_one = max(high - low, 1e-12), (1.0 if low >= 0 and high <= 1 else None)
+    per_lead, mean = _score(batches(), methods, lead_times, data_range, thresholds, zero_one, torch.device("cpu"))
+    report = _report(truth_path, truth, truth.sequences, lead_times, per_lead, mean)
+    return {"forecast": forecast_path, "truth_start": truth_start, **report}
+
+
+def _stack(read: Callable[[int], np.ndarray], sequences: range) -> torch.Tensor:
+    return torch.from_numpy(np.stack([read(n) for n in sequences]))
+
+
+def write_csv(path: str, report: dict, force: bool) -> None:
+    """One row per method, metric and lead time: easy to load in a spreadsheet or pandas."""
+
+    def write(file) -> None:
+        lines = [["method", "metric", "lead_time", "value"]]
+        for method, metrics in report["scores"].items():
+            for metric, values in metrics.items():
+                lines += [
+                    [method, metric, lead, value] for lead, value in zip(report["lead_times"], values, strict=True)
+                ]
+        text = "\n".join(",".join(str(cell) for cell in line) for line in lines) + "\n"
+        file.write(text.encode())
+
+    write_atomically(path, write, force=force)

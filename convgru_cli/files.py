@@ -6,7 +6,7 @@ import contextlib
 import io
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import h5py
@@ -14,10 +14,11 @@ import h5py
 from convgru_cli.errors import UserError
 
 
-def write_atomically(path: str, write: Callable[[BinaryIO], None], force: bool = True) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place.
+@contextlib.contextmanager
+def atomic_path(path: str, force: bool = True) -> Iterator[str]:
+    """A temporary path beside ``path`` to write to; on success it is flushed to disk and renamed into place.
 
-    A crash or a full disk at any moment leaves the previous file (or no file) intact."""
+    A crash or a full disk at any moment leaves the previous file (or no file) intact, and no temporary file."""
     directory = os.path.dirname(os.path.abspath(path))
     if not force and os.path.exists(path):
         raise UserError(f"{path}: already exists; use --force to overwrite it")
@@ -27,13 +28,13 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None], force: bool =
         handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
     except OSError as error:
         raise UserError(f"{path}: cannot write in {directory} ({error.strerror})") from None
+    os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
+        yield temporary
+        with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException as error:
@@ -44,8 +45,14 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None], force: bool =
         raise
 
 
+def write_atomically(path: str, write: Callable[[BinaryIO], None], force: bool = True) -> None:
+    """Call ``write(file)`` on a binary file that becomes ``path`` only once it is complete."""
+    with atomic_path(path, force) as temporary, open(temporary, "wb") as file:
+        write(file)
+
+
 def hdf5_bytes(fill: Callable[[h5py.File], None]) -> bytes:
-    """An HDF5 file built in memory by ``fill``: the same bytes serve a file or standard output."""
+    """An HDF5 file built in memory by ``fill``, for standard output."""
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as file:
         fill(file)

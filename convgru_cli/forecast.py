@@ -100,21 +100,26 @@ def predict_file(
     force: bool = False,
     device: str = "auto",
     precision: str = "auto",
+    png: str | None = None,
+    gif: str | None = None,
+    picture_sequence: int = 0,
 ) -> dict:
     """Forecast ``frames`` steps after the last input window of every sequence (or the window at ``start``).
 
-    ``data_path`` None reads standard input; ``output`` None writes standard output."""
+    ``data_path`` None reads standard input; ``output`` None writes standard output. ``png`` and ``gif`` draw
+    sequence ``picture_sequence``: its inputs, the truth where the file holds it, and the forecast."""
     if frames < 1:
         raise UserError(f"--frames {frames}: must be at least 1")
     if output is None and sys.stdout.isatty():
         raise UserError("refusing to write HDF5 to a terminal: use -o FILE or redirect standard output")
-    if output is not None and os.path.exists(output) and not force:
-        raise UserError(f"{output}: already exists; use --force to overwrite it")
+    for path in (output, png, gif):
+        if path is not None and os.path.exists(path) and not force:
+            raise UserError(f"{path}: already exists; use --force to overwrite it")
     with data.open_hdf5(data_path) as file:
         forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision)
         spec = forecaster.spec
         name = data.pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None))
-        source = data.Frames(file, name, layout, nan_policy=spec.nan_policy)
+        source = data.Frames(file, name, layout, None, spec.nan_policy, data.mask_in(file, spec))
     forecaster.check_frames(source)
     first = source.steps - spec.input_frames if start is None else start
     if first < 0 or first + spec.input_frames > source.steps:
@@ -129,6 +134,8 @@ def predict_file(
         )
         outputs.append(forecaster.predict(torch.from_numpy(batch), frames).cpu().numpy())
     forecast = np.concatenate(outputs)
+    if png or gif:
+        _draw(source, forecast, first, spec.input_frames, picture_sequence, png, gif, force)
     attributes = {
         "units": source.units,
         "software": f"convgru {__version__}",
@@ -146,3 +153,26 @@ def predict_file(
     else:
         write_atomically(output, lambda file: file.write(payload), force=force)
     return {"output": output or "<stdout>", "checkpoint": forecaster.checkpoint_path, "shape": list(forecast.shape)}
+
+
+def _draw(
+    source: data.Frames, forecast: np.ndarray, first: int, inputs: int, sequence: int, png, gif, force: bool
+) -> None:
+    from convgru_cli import pictures
+
+    if not 0 <= sequence < source.sequences:
+        raise UserError(f"--picture-sequence {sequence}: the data has sequences 0..{source.sequences - 1}")
+    frames = forecast.shape[1]
+    truth_end = first + inputs + frames
+    truth = source.read(sequence, first + inputs, frames)[:, 0] if truth_end <= source.steps else None
+    strip, loop = pictures.render(
+        source.read(sequence, first, inputs)[:, 0].astype(np.float32),
+        forecast[sequence, :, 0],
+        None if truth is None else truth.astype(np.float32),
+        source.units,
+        source.timestep_minutes,
+    )
+    if png:
+        pictures.save_png(png, strip, force)
+    if gif:
+        pictures.save_gif(gif, loop, force)

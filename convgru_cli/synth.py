@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 
 from convgru_cli.errors import UserError
-from convgru_cli.files import hdf5_bytes, write_atomically
+from convgru_cli.files import atomic_path
 
 FONT = {
     "0": ".###. #...# #..## #.#.# ##..# #...# .###.",
@@ -93,14 +93,10 @@ def moving_digits(
 
 def write_sequences(path: str, sequences: np.ndarray, force: bool = False, **attributes: str) -> None:
     """Write [N, T, H, W] frames to dataset ``frames``, one compressed chunk per sequence."""
-
-    def fill(h5: h5py.File) -> None:
+    with atomic_path(path, force) as temporary, h5py.File(temporary, "w") as h5:
         dataset = h5.create_dataset(
             "frames", data=sequences, chunks=(1, *sequences.shape[1:]), compression="gzip", shuffle=True
         )
         dataset.attrs["layout"] = "NTHW"
         for key, value in attributes.items():
             h5.attrs[key] = value
-
-    payload = hdf5_bytes(fill)
-    write_atomically(path, lambda file: file.write(payload), force=force)

@@ -27,7 +27,7 @@ from convgru_cli.model import EncoderForecaster, ModelConfig, count_parameters
 
 log = logging.getLogger("convgru")
 
-LOSSES = ("mse", "mae", "mse+mae")
+LOSSES = ("mse", "mae", "mse+mae", "balanced")
 
 
 @dataclass
@@ -38,13 +38,18 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 50
     loss: str = "mse+mae"
-    clip: float = 1.0
+    # Shi et al. 2017's balanced loss: per-pixel weights by the target's value in data units (rain: mm/h)
+    balance_thresholds: tuple[float, ...] = (2.0, 5.0, 10.0, 30.0)
+    balance_weights: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0)
+    grad_clip: float = 1.0
     seed: int = 0
     max_time: float | None = None
     patience: int | None = None
+    compile: bool = False
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None
+    cache: bool | None = None  # hold the data in memory: None decides by size
 
     def check(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -54,6 +59,8 @@ class TrainConfig:
             raise UserError("--lr must be positive")
         if self.loss not in LOSSES:
             raise UserError(f"--loss {self.loss}: choose one of {', '.join(LOSSES)}")
+        if len(self.balance_weights) != len(self.balance_thresholds) + 1:
+            raise UserError("--balance-weights needs one weight more than --balance-thresholds")
 
 
 class Interrupted(Exception):
@@ -75,8 +82,9 @@ class Progress:
     history: list[dict] = field(default_factory=list)
 
 
-def masked_loss(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean per-pixel loss over valid pixels only: no-data pixels neither help nor hurt."""
+def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-pixel loss weighted by ``weight`` (0 for no-data pixels, which neither help nor hurt), averaged over
+    the pixels that have data. ``balanced`` is Shi 2017's weighted MSE + MAE; the weights carry the balance."""
     error = prediction - target
     if kind == "mse":
         per_pixel = error.square()
@@ -84,8 +92,14 @@ def masked_loss(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Ten
         per_pixel = error.abs()
     else:
         per_pixel = error.square() + error.abs()
-    weight = valid.float()
-    return (per_pixel * weight).sum() / weight.sum().clamp(min=1)
+    return (per_pixel * weight).sum() / (weight > 0).sum().clamp(min=1)
+
+
+def balance_weights(raw_target: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """Weight per pixel from the target's value in data units: heavy rain counts more."""
+    thresholds = torch.tensor(config.balance_thresholds, device=raw_target.device)
+    weights = torch.tensor(config.balance_weights, device=raw_target.device)
+    return weights[torch.bucketize(raw_target.float().nan_to_num(), thresholds, right=True)]
 
 
 def learning_rate(config: TrainConfig, step: int, fraction_done: float) -> float:
@@ -136,7 +150,7 @@ def train(
     return _fit(data_path, spec, model_config, config, run_dir, None, force, show_progress, options_toml)
 
 
-RESUME_CHANGES = ("epochs", "max_time", "patience", "device", "workers")
+RESUME_CHANGES = ("epochs", "max_time", "patience", "device", "workers", "cache")
 
 
 def resume(data_path: str, run_dir: str, show_progress: bool = True, **changes) -> dict:
@@ -169,7 +183,8 @@ def _fit(
     precision = pick_precision(config.precision, device)
 
     with data.open_hdf5(data_path) as file:
-        frames = data.Frames(file, data.pick_dataset(file, spec.dataset), spec.layout, nan_policy=spec.nan_policy)
+        name = data.pick_dataset(file, spec.dataset)
+        frames = data.Frames(file, name, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset)
     spec = data.DataSpec(**{**spec.to_dict(), "dataset": frames.dataset, "layout": frames.layout})
     train_windows, val_windows = data.split_windows(frames, spec)
     if len(train_windows) < config.batch_size * world:
@@ -180,7 +195,7 @@ def _fit(
     if saved:
         normalisation = data.Normalisation(**saved["normalisation"])
     else:
-        normalisation = data.compute_normalisation(frames, train_windows, spec.window)
+        normalisation = data.compute_normalisation(frames, train_windows, spec.window, spec.log_transform, spec.clip)
         model_config = replace(model_config, channels=frames.channels)
         if normalisation.nan_fraction > 0 and rank == 0:
             log.warning(
@@ -211,6 +226,9 @@ def _fit(
         except OSError as error:
             raise UserError(f"--out {run_dir}: cannot create the run directory ({error.strerror})") from None
     net = DistributedDataParallel(model) if world > 1 else model
+    if config.compile:
+        # CUDA graphs replay the many small kernels of the unrolled steps without launch overhead.
+        net = torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else None)
 
     def save(name: str) -> None:
         if rank != 0:
@@ -245,6 +263,13 @@ def _fit(
                 indent=2,
             )
         log.info(
+            "%s: layout %s, %d sequence(s) of %d frames",
+            frames.label,
+            frames.layout,
+            frames.sequences,
+            frames.steps,
+        )
+        log.info(
             "training %s parameters on %d windows (%d held out) on %s, %s, %d process(es); run directory %s",
             f"{count_parameters(model):,}",
             len(train_windows),
@@ -275,7 +300,11 @@ def _fit(
             )
             epoch_loss, epoch_seen, epoch_start = 0.0, 0, time.perf_counter()
             for batch in _loader(train_set, batches[progress.batch :], workers, device):
-                inputs, target, valid = _split(batch.to(device, non_blocking=True), normalisation, spec)
+                raw = batch.to(device, non_blocking=True)
+                inputs, target, valid = _split(raw, normalisation, spec)
+                weight = valid.float()
+                if config.loss == "balanced":
+                    weight = weight * balance_weights(raw[:, spec.input_frames :], config)
                 fraction = progress.step / total_steps
                 if config.max_time:
                     fraction = max(fraction, (time.perf_counter() - started) / config.max_time)
@@ -283,11 +312,11 @@ def _fit(
                     group["lr"] = learning_rate(config, progress.step, fraction)
                 with autocast(device, precision):
                     prediction = net(inputs, spec.output_frames)
-                loss = masked_loss(prediction.float(), target, valid, config.loss)
+                loss = weighted_loss(prediction.float(), target, weight, config.loss)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
                 progress.batch += 1

@@ -103,7 +103,7 @@ def test_evaluate_json_schema(trained):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["lead_times"] == [1, 2, 3]
-    assert set(report["scores"]) == {"model", "persistence", "climatology"}
+    assert set(report["scores"]) == {"model", "persistence", "optical_flow", "climatology"}
     for method in report["scores"].values():
         for metric in ("mse", "mae", "ssim", "psnr", "mse_frame_sum", "csi@64", "pod@128"):
             assert len(method[metric]) == 3

@@ -38,7 +38,7 @@ def test_interrupted_run_resumes_to_the_same_weights(digits_file, tmp_path, monk
     straight = _run(digits_file, tmp_path / "straight")
 
     calls = {"n": 0}
-    real_loss = train.masked_loss
+    real_loss = train.weighted_loss
 
     def interrupt_mid_epoch(*args, **kwargs):
         calls["n"] += 1
@@ -46,10 +46,10 @@ def test_interrupted_run_resumes_to_the_same_weights(digits_file, tmp_path, monk
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train, "masked_loss", interrupt_mid_epoch)
+    monkeypatch.setattr(train, "weighted_loss", interrupt_mid_epoch)
     with pytest.raises(train.Interrupted):
         _run(digits_file, tmp_path / "resumed")
-    monkeypatch.setattr(train, "masked_loss", real_loss)
+    monkeypatch.setattr(train, "weighted_loss", real_loss)
     progress = checkpoint.load(str(tmp_path / "resumed" / "last.pt"))["progress"]
     assert progress["epoch"] == 0 and progress["batch"] == 4
     resumed = train.resume(digits_file, str(tmp_path / "resumed"), show_progress=False)
@@ -141,3 +141,22 @@ def test_batches_are_a_function_of_seed_and_epoch_and_shard_across_ranks():
     ranks = [train.epoch_batches(20, 2, seed=0, epoch=3, rank=r, world=2) for r in range(2)]
     merged = [i for pair in zip(*ranks, strict=True) for b in pair for i in b]
     assert merged == [i for b in train.epoch_batches(20, 4, 0, 3, 0, 1) for i in b]
+
+
+def test_max_time_stops_cleanly_with_checkpoints(digits_file, tmp_path):
+    summary = _run(digits_file, tmp_path / "run", epochs=1000, max_time=0.5)
+    assert summary["epochs"] < 1000
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_no_fast_bf16_falls_back_to_fp32_with_one_info_line(monkeypatch, caplog):
+    from convgru_cli import device
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    with caplog.at_level("INFO", logger="convgru"):
+        assert device.pick_precision("auto", torch.device("cpu")) == torch.float32
+    assert [r.message for r in caplog.records] == ["no fast bf16 on this cpu: running in fp32"]
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    assert device.pick_precision("auto", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        device.pick_precision("fp16", torch.device("cpu"))

@@ -1,0 +1,276 @@
+"""Training and inference speed of our model against a plain six-convolution float32 ConvGRU.
+
+In one process, alternating configurations round by round (warm-up excluded, median of the rounds):
+  reference  the tutorial ConvGRU written here: per-gate convolutions (three over the input, three over the
+             hidden state, the candidate's over r*h), every convolution run step by step, NCHW, float32;
+  ours fp32  convgru_cli's model at the same architecture, float32;
+  ours auto  the same under --precision auto (bf16 autocast where the hardware is fast at it).
+For each: sequences/s, GFLOP/s (FlopCounterMode), and the fraction of a conv roofline measured in the same
+run: the model's own convolution shapes timed alone, in the same precision and memory format.
+
+    python benchmarks/bench_train.py [--arch shi-mnist] [--batch 8] [--rounds 3] [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from convgru_cli.device import autocast, pick_precision
+from convgru_cli.model import EncoderForecaster, ModelConfig, make_config
+
+INPUT_FRAMES = OUTPUT_FRAMES = 10
+
+
+class PlainConvGRUCell(nn.Module):
+    """The textbook cell: six convolutions, candidate from a convolution over r*h."""
+
+    def __init__(self, in_channels: int, hidden: int, input_kernel: int, hidden_kernel: int):
+        super().__init__()
+
+        def conv(cin, kernel):
+            return nn.Conv2d(cin, hidden, kernel, padding=kernel // 2)
+
+        self.hidden = hidden
+        self.xr, self.xu, self.xn = (conv(in_channels, input_kernel) for _ in range(3)) if in_channels else (None,) * 3
+        self.hr, self.hu, self.hn = (conv(hidden, hidden_kernel) for _ in range(3))
+
+    def forward(self, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+        def gate(conv_x, conv_h, state):
+            return conv_h(state) if x is None else conv_x(x) + conv_h(state)
+
+        r = torch.sigmoid(gate(self.xr, self.hr, h))
+        u = torch.sigmoid(gate(self.xu, self.hu, h))
+        n = F.leaky_relu(gate(self.xn, self.hn, r * h), 0.2)
+        return u * h + (1 - u) * n
+
+
+class PlainEncoderForecaster(nn.Module):
+    """Shi's encoder-forecaster as tutorials write it: every convolution inside the time loop."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        below = [c.stem_channels, *c.hidden[:-1]]
+        levels = len(c.hidden)
+        self.down, self.enc, self.fc, self.up = nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for i in range(levels):
+            source = c.channels * c.patch**2 if i == 0 else c.hidden[i - 1]
+            pad = (c.down_kernels[i] - c.strides[i] + 1) // 2
+            self.down.append(nn.Conv2d(source, below[i], c.down_kernels[i], c.strides[i], pad))
+            self.enc.append(PlainConvGRUCell(below[i], c.hidden[i], c.input_kernel, c.hidden_kernel))
+            fc_in = 0 if i == levels - 1 else c.hidden[i]
+            self.fc.append(PlainConvGRUCell(fc_in, c.hidden[i], c.input_kernel, c.hidden_kernel))
+            k, s = c.up_kernels[i], c.strides[i]
+            pad = (k - s + 1) // 2
+            self.up.append(nn.ConvTranspose2d(c.hidden[i], below[i], k, s, pad, 2 * pad - (k - s)))
+        self.head = nn.Conv2d(c.stem_channels, c.channels * c.patch**2, 1)
+        self.refine = nn.Conv2d(c.channels, c.channels, 3, padding=1) if c.patch > 1 else None
+
+    def forward(self, inputs: torch.Tensor, frames: int) -> torch.Tensor:
+        batch = inputs.shape[0]
+        states = [None] * len(self.enc)
+        outputs = []
+        for t in range(inputs.shape[1]):
+            x = inputs[:, t]
+            if self.c.patch > 1:
+                x = F.pixel_unshuffle(x, self.c.patch)
+            for i, (down, cell) in enumerate(zip(self.down, self.enc, strict=True)):
+                x = F.leaky_relu(down(x), 0.2)
+                if states[i] is None:
+                    states[i] = x.new_zeros(batch, cell.hidden, *x.shape[-2:])
+                states[i] = cell(x, states[i])
+                x = states[i]
+        for _ in range(frames):
+            x = None
+            for i in reversed(range(len(self.fc))):
+                states[i] = self.fc[i](x, states[i])
+                x = F.leaky_relu(self.up[i](states[i]), 0.2)
+            y = self.head(x)
+            if self.c.patch > 1:
+                y = F.pixel_shuffle(y, self.c.patch)
+                y = y + self.refine(y)
+            outputs.append(y)
+        return torch.stack(outputs, dim=1)
+
+
+def train_step(model, optimizer, x, y, precision):
+    with autocast(torch.device("cpu"), precision):
+        prediction = model(x, OUTPUT_FRAMES)
+    loss = F.mse_loss(prediction.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+@torch.no_grad()
+def infer_step(model, x, precision):
+    with autocast(torch.device("cpu"), precision):
+        model(x, OUTPUT_FRAMES)
+
+
+def flops(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def conv_roofline_seconds(model: nn.Module, x: torch.Tensor, precision: torch.dtype, train: bool) -> float:
+    """Time each of the model's convolution calls alone (same shapes, precision and memory format), summed."""
+    calls: Counter = Counter()
+    hooks = [
+        module.register_forward_hook(
+            lambda mod, inputs, _: calls.update([(mod, tuple(inputs[0].shape), inputs[0].is_contiguous())])
+        )
+        for module in model.modules()
+        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d)
+    ]
+    with torch.no_grad(), autocast(torch.device("cpu"), precision):
+        model(x, OUTPUT_FRAMES)
+    for hook in hooks:
+        hook.remove()
+    total = 0.0
+    for (module, shape, contiguous), count in calls.items():
+        memory_format = torch.contiguous_format if contiguous else torch.channels_last
+        sample = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_(train)
+
+        def once(module=module, sample=sample):
+            with autocast(torch.device("cpu"), precision):
+                out = module(sample)
+            if train:
+                out.float().sum().backward()
+
+        once()
+        start = time.perf_counter()
+        repeats = 3
+        for _ in range(repeats):
+            once()
+        total += (time.perf_counter() - start) / repeats * count
+    return total
+
+
+def peak_memory_mb(arch: str, batch: int, precision: str) -> float:
+    """Peak resident memory of a fresh process that runs two training steps (the runtime included)."""
+    code = (
+        "import resource, torch; from benchmarks.bench_train import *; "
+        f"m = EncoderForecaster(make_config({arch!r}, 1)); o = torch.optim.AdamW(m.parameters()); "
+        f"x = torch.randn({batch}, 10, 1, 64, 64); y = torch.randn({batch}, 10, 1, 64, 64); "
+        f"p = pick_precision({precision!r}, torch.device('cpu')); "
+        "[train_step(m, o, x, y, p) for _ in range(2)]; "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    return int(done.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", default="shi-mnist")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one small round (smoke check, under a minute)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args()
+    if args.quick:
+        args.arch, args.batch, args.rounds = "fast", 2, 1
+
+    torch.manual_seed(0)
+    config = make_config(args.arch, 1)
+    auto = pick_precision("auto", torch.device("cpu"))
+    ours = EncoderForecaster(config).to(memory_format=torch.channels_last)
+    reference = PlainEncoderForecaster(config)
+    candidates = {
+        "reference fp32": (reference, torch.float32),
+        "ours fp32": (ours, torch.float32),
+        f"ours auto ({str(auto).removeprefix('torch.')})": (ours, auto),
+    }
+    x = torch.randn(args.batch, INPUT_FRAMES, 1, 64, 64)
+    y = torch.randn(args.batch, OUTPUT_FRAMES, 1, 64, 64)
+    optimizers = {name: torch.optim.AdamW(model.parameters(), 1e-4) for name, (model, _) in candidates.items()}
+
+    def train_once(name):
+        model, precision = candidates[name]
+        train_step(model, optimizers[name], x, y, precision)
+
+    def infer_once(name):
+        infer_step(candidates[name][0], x, candidates[name][1])
+
+    times = {(name, mode): [] for name in candidates for mode in ("train", "infer")}
+    for name in candidates:  # warm-up
+        train_once(name)
+        infer_once(name)
+    for _ in range(args.rounds):
+        for name in candidates:
+            for mode, fn in (("train", train_once), ("infer", infer_once)):
+                start = time.perf_counter()
+                fn(name)
+                times[(name, mode)].append(time.perf_counter() - start)
+
+    rows = []
+    for name, (model, precision) in candidates.items():
+        row = {"config": name}
+        for mode, fn in (("train", train_once), ("infer", infer_once)):
+            seconds = statistics.median(times[(name, mode)])
+            work = flops(lambda fn=fn, name=name: fn(name))
+            row[f"{mode}_seq_s"] = args.batch / seconds
+            row[f"{mode}_gflop_s"] = work / seconds / 1e9
+            row[f"{mode}_gflop_per_seq"] = work / args.batch / 1e9
+            if not name.startswith("reference"):
+                row[f"{mode}_roofline_fraction"] = conv_roofline_seconds(model, x, precision, mode == "train") / seconds
+        rows.append(row)
+
+    base, fp32, fast = rows
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "arch": args.arch,
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "rows": rows,
+        "train_ratio": fast["train_seq_s"] / base["train_seq_s"],
+        "infer_ratio": fast["infer_seq_s"] / base["infer_seq_s"],
+        "fp32_train_ratio": fp32["train_seq_s"] / base["train_seq_s"],
+        "roofline_fraction": fast["train_roofline_fraction"],
+        "peak_train_mb_batch16": peak_memory_mb(args.arch, 2 if args.quick else 16, "auto"),
+        "max_rss_this_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{args.arch}, batch {args.batch}, 64x64, 10->10, median of {args.rounds} rounds; {result['machine']}")
+    header = f"{'config':<22}{'train seq/s':>12}{'GFLOP/s':>9}{'roofline':>9}{'infer seq/s':>13}{'GFLOP/s':>9}"
+    print(header + f"{'roofline':>9}")
+    for row in rows:
+        roof = [f"{row.get(f'{m}_roofline_fraction', float('nan')):>9.0%}" for m in ("train", "infer")]
+        print(
+            f"{row['config']:<22}{row['train_seq_s']:>12.2f}{row['train_gflop_s']:>9.0f}{roof[0]}"
+            f"{row['infer_seq_s']:>13.2f}{row['infer_gflop_s']:>9.0f}{roof[1]}"
+        )
+    print(
+        f"ours auto / reference: training {result['train_ratio']:.2f}x, inference {result['infer_ratio']:.2f}x; "
+        f"ours fp32 / reference: training {result['fp32_train_ratio']:.2f}x"
+    )
+    print(
+        f"GFLOP per training sequence: {fast['train_gflop_per_seq']:.1f} (ours), "
+        f"{base['train_gflop_per_seq']:.1f} (reference)"
+    )
+    batch = 2 if args.quick else 16
+    print(f"peak memory, training at batch {batch} (fresh process): {result['peak_train_mb_batch16']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Forecasts people can see: PNG strips and GIF loops of inputs, truth and forecast side by side.
+
+Rain rates and reflectivity get a discrete radar palette (white below the lowest level, as on radar maps);
+anything else is drawn in grey between the data's bounds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from convgru_cli.errors import UserError
+from convgru_cli.files import write_atomically
+
+# Levels in data units and the colour from each level up (light blue through green and yellow to red, purple).
+RADAR_COLOURS = [
+    (0xC8, 0xE6, 0xFF), (0x78, 0xB4, 0xFF), (0x28, 0x64, 0xDC), (0x32, 0xB4, 0x32), (0x14, 0x82, 0x14),
+    (0xFA, 0xE6, 0x32), (0xFA, 0x96, 0x1E), (0xE6, 0x1E, 0x1E), (0xA0, 0x00, 0x28), (0xB4, 0x3C, 0xDC),
+]  # fmt: skip
+RADAR_LEVELS = {
+    "mm/h": [0.1, 0.5, 1, 2, 5, 10, 20, 30, 50, 100],
+    "dbz": [5, 10, 15, 20, 25, 30, 40, 45, 55, 65],
+}
+LABEL_HEIGHT = 14
+
+
+def colourise(frames: np.ndarray, units: str, low: float, high: float) -> np.ndarray:
+    """[..., H, W] data -> [..., H, W, 3] uint8 RGB."""
+    levels = RADAR_LEVELS.get(units.strip().lower())
+    if levels is None:
+        scaled = np.clip((np.nan_to_num(frames, nan=low) - low) / max(high - low, 1e-12), 0, 1)
+        grey = (scaled * 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    palette = np.array([(255, 255, 255), *RADAR_COLOURS], dtype=np.uint8)
+    return palette[np.digitize(np.nan_to_num(frames, nan=-np.inf), levels)]
+
+
+def _tile(rgb: np.ndarray, scale: int, label: str) -> Image.Image:
+    image = Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.NEAREST)
+    tile = Image.new("RGB", (image.width, image.height + LABEL_HEIGHT), (255, 255, 255))
+    tile.paste(image, (0, LABEL_HEIGHT))
+    ImageDraw.Draw(tile).text((2, 1), label, fill=(0, 0, 0))
+    return tile
+
+
+def _row(tiles: list[Image.Image], gap: int = 2) -> Image.Image:
+    width = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
+    row = Image.new("RGB", (width, max(t.height for t in tiles)), (255, 255, 255))
+    x = 0
+    for tile in tiles:
+        row.paste(tile, (x, 0))
+        x += tile.width + gap
+    return row
+
+
+def _lead_label(step: int, minutes: float) -> str:
+    return f"+{step * minutes:g} min" if minutes else f"+{step}"
+
+
+def render(
+    inputs: np.ndarray,
+    forecast: np.ndarray,
+    truth: np.ndarray | None,
+    units: str,
+    minutes: float = 0.0,
+) -> tuple[Image.Image, list[Image.Image]]:
+    """Inputs [T_in, H, W], forecast [T_out, H, W], truth [T_out, H, W] or None (one channel).
+
+    Returns the PNG strip (rows: inputs, truth, forecast) and the GIF frames (last input | truth | forecast)."""
+    shown = [inputs, forecast] + ([truth] if truth is not None else [])
+    finite = np.concatenate([a[np.isfinite(a)] for a in shown])
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    scale = max(1, 192 // max(inputs.shape[-2:]))
+    image = {name: colourise(a, units, low, high) for name, a in (("in", inputs), ("fc", forecast))}
+    strip_rows = [_row([_tile(f, scale, f"input {i - len(inputs) + 1}") for i, f in enumerate(image["in"])])]
+    if truth is not None:
+        image["truth"] = colourise(truth, units, low, high)
+        strip_rows.append(
+            _row([_tile(f, scale, f"truth {_lead_label(k + 1, minutes)}") for k, f in enumerate(image["truth"])])
+        )
+    strip_rows.append(
+        _row([_tile(f, scale, f"forecast {_lead_label(k + 1, minutes)}") for k, f in enumerate(image["fc"])])
+    )
+    strip = Image.new("RGB", (max(r.width for r in strip_rows), sum(r.height + 4 for r in strip_rows)), "white")
+    y = 0
+    for row in strip_rows:
+        strip.paste(row, (0, y))
+        y += row.height + 4
+    loop = []
+    for k in range(len(forecast)):
+        tiles = [_tile(image["in"][-1], scale, "last input")]
+        if truth is not None:
+            tiles.append(_tile(image["truth"][k], scale, f"truth {_lead_label(k + 1, minutes)}"))
+        tiles.append(_tile(image["fc"][k], scale, f"forecast {_lead_label(k + 1, minutes)}"))
+        loop.append(_row(tiles))
+    return strip, loop
+
+
+def save_png(path: str, image: Image.Image, force: bool) -> None:
+    write_atomically(path, lambda file: image.save(file, format="PNG"), force=force)
+
+
+def save_gif(path: str, frames: list[Image.Image], force: bool, milliseconds: int = 400) -> None:
+    if not frames:
+        raise UserError(f"{path}: no frames to draw")
+    write_atomically(
+        path,
+        lambda file: frames[0].save(
+            file, format="GIF", save_all=True, append_images=frames[1:], duration=milliseconds, loop=0
+        ),
+        force=force,
+    )
+
+
+METHOD_COLOURS = [(0xD6, 0x27, 0x28), (0x1F, 0x77, 0xB4), (0x2C, 0xA0, 0x2C), (0x94, 0x67, 0xBD), (0x8C, 0x56, 0x4B)]
+
+
+def plot_scores(report: dict, width: int = 300, height: int = 200) -> Image.Image:
+    """One small panel per score (MSE, MAE, SSIM, PSNR and each CSI) against lead time, a line per method."""
+    methods = list(report["scores"])
+    metrics = [m for m in report["scores"][methods[0]] if m in ("mse", "mae", "ssim", "psnr") or m.startswith("csi@")]
+    leads = report["lead_times"]
+    canvas = Image.new("RGB", (width * min(len(metrics), 3), height * -(-len(metrics) // 3) + 20), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 4
+    for method, colour in zip(methods, METHOD_COLOURS, strict=False):
+        draw.line([(x, 10), (x + 16, 10)], fill=colour, width=3)
+        draw.text((x + 20, 4), method, fill=(0, 0, 0))
+        x += 30 + 7 * len(method)
+    for index, metric in enumerate(metrics):
+        left, top = (index % 3) * width, 20 + (index // 3) * height
+        box = (left + 44, top + 16, left + width - 10, top + height - 24)
+        draw.rectangle(box, outline=(0, 0, 0))
+        draw.text((left + 44, top + 2), metric, fill=(0, 0, 0))
+        values = [v for m in methods for v in report["scores"][m][metric] if v == v]  # NaN != NaN
+        if not values:
+            continue
+        low, high = min(values), max(values)
+        high = high if high > low else low + 1
+
+        def point(k: int, value: float, box=box, low=low, high=high) -> tuple[float, float]:
+            fraction = (k / max(len(leads) - 1, 1), (value - low) / (high - low))
+            return box[0] + fraction[0] * (box[2] - box[0]), box[3] - fraction[1] * (box[3] - box[1])
+
+        draw.text((left + 2, box[1] - 4), f"{high:.3g}", fill=(0, 0, 0))
+        draw.text((left + 2, box[3] - 8), f"{low:.3g}", fill=(0, 0, 0))
+        draw.text((box[0], box[3] + 4), f"lead {leads[0]}", fill=(0, 0, 0))
+        draw.text((box[2] - 40, box[3] + 4), f"lead {leads[-1]}", fill=(0, 0, 0))
+        for method, colour in zip(methods, METHOD_COLOURS, strict=False):
+            line = [point(k, v) for k, v in enumerate(report["scores"][method][metric]) if v == v]
+            if len(line) > 1:
+                draw.line(line, fill=colour, width=2)
+    return canvas

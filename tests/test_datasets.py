@@ -1,0 +1,174 @@
+"""Real-world files: every layout, masks, transforms, the balanced loss, inspect and import."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from convgru_cli import data, train
+from convgru_cli.cli import app
+from convgru_cli.synth import font_glyphs, moving_digits
+from tests.conftest import write_h5
+
+runner = CliRunner()
+SMALL = ["--input-frames", "3", "--output-frames", "2", "--batch-size", "2", "--epochs", "1", "--device", "cpu"]
+DIGITS = moving_digits(8, 6, font_glyphs(), size=32, digits=1, seed=11)  # N T H W
+
+
+@pytest.mark.parametrize(
+    ("layout", "array", "name", "option"),
+    [
+        ("NTHW", DIGITS, "frames", []),
+        ("NTCHW", DIGITS[:, :, None].repeat(2, axis=2), "frames", []),
+        ("THW", DIGITS.reshape(48, 32, 32), "frames", []),
+        ("TCHW", DIGITS.reshape(48, 1, 32, 32), "frames", ["--layout", "TCHW"]),
+        ("NHWT", DIGITS.transpose(0, 2, 3, 1), "vil", []),  # SEVIR's layout, detected by shape
+        ("TNHW", DIGITS.transpose(1, 0, 2, 3), "frames", ["--layout", "TNHW"]),  # mnist_test_seq.npy order
+    ],
+)
+def test_every_layout_trains_predicts_and_evaluates(tmp_path, layout, array, name, option):
+    path = write_h5(tmp_path / "d.h5", array, name=name)
+    result = runner.invoke(app, ["train", path, *SMALL, *option, "--out", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert f"layout {layout}" in result.stderr
+    best = str(tmp_path / "run" / "best.pt")
+    out = tmp_path / "f.h5"
+    predicted = runner.invoke(app, ["predict", path, *option, "--checkpoint", best, "--frames", "3", "-o", str(out)])
+    assert predicted.exit_code == 0, predicted.output
+    with h5py.File(out) as file:
+        forecast = file["forecast"]
+        assert forecast.attrs["layout"] == layout
+        sizes = dict(zip(layout, forecast.shape, strict=True))
+        assert sizes["T"] == 3 and sizes["H"] == 32 and sizes.get("N", 1) == (8 if "N" in layout else 1)
+    scored = runner.invoke(app, ["evaluate", path, *option, "--checkpoint", best, "--json"])
+    assert scored.exit_code == 0, scored.output
+    assert len(json.loads(scored.stdout)["scores"]["model"]["mse"]) == 2
+
+
+def test_mask_dataset_marks_no_data(tmp_path):
+    path = write_h5(tmp_path / "m.h5", DIGITS.astype(np.float32))
+    with h5py.File(path, "a") as file:
+        mask = np.ones(DIGITS.shape, dtype=bool)
+        mask[:, :, :8] = False
+        file["mask"] = mask
+        file["short_mask"] = mask[:, :3]
+    with data.open_hdf5(path) as file:
+        frames = data.Frames(file, "frames")
+        window = frames.read(0, 0, 6)
+        assert np.isnan(window[:, :, :8]).all() and np.isfinite(window[:, :, 8:]).all()
+        with pytest.raises(data.UserError, match="mask of shape"):
+            data.Frames(file, "frames", mask_dataset="short_mask")
+
+
+def test_masked_pixels_change_neither_loss_nor_scores():
+    from convgru_cli.metrics import Scores
+
+    torch.manual_seed(0)
+    prediction, target = torch.rand(2, 3, 1, 8, 8), torch.rand(2, 3, 1, 8, 8)
+    valid = torch.rand(2, 3, 1, 8, 8) > 0.3
+    changed = torch.where(valid, target, target + 100)
+    for kind in train.LOSSES:
+        assert train.weighted_loss(prediction, target, valid.float(), kind) == pytest.approx(
+            train.weighted_loss(prediction, changed, valid.float(), kind).item()
+        )
+    one, other = Scores(3, 1.0, (0.5,)), Scores(3, 1.0, (0.5,))
+    one.update(prediction, target, valid)
+    other.update(prediction, changed, valid)
+    assert {k: v for k, v in one.compute().items() if k not in ("ssim", "psnr")} == {
+        k: v for k, v in other.compute().items() if k not in ("ssim", "psnr")
+    }
+
+
+def test_balanced_weights_follow_the_target():
+    config = train.TrainConfig()
+    weights = train.balance_weights(torch.tensor([0.0, 1.9, 2.0, 7.0, 10.0, 29.0, 31.0]), config)
+    assert weights.tolist() == [1, 1, 2, 5, 10, 10, 30]
+
+
+def test_log_transform_round_trips_and_statistics_live_in_log_space(tmp_path):
+    rain = np.random.default_rng(0).gamma(0.5, 4.0, size=(6, 6, 16, 16)).astype(np.float32)
+    with data.open_hdf5(write_h5(tmp_path / "r.h5", rain)) as file:
+        frames = data.Frames(file, "frames")
+    norm = data.compute_normalisation(frames, data.windows(frames, 6, 6), 6, log_transform=True, clip=(0, 50))
+    assert norm.offset[0] == pytest.approx(np.log1p(np.clip(rain, 0, 50)).mean(), rel=1e-4)
+    batch = torch.from_numpy(np.clip(rain, 0, 50)).unsqueeze(2)
+    normalised, _ = norm.normalise(batch)
+    torch.testing.assert_close(norm.denormalise(normalised), batch, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(norm.mean_frame[0], batch.mean(dim=(0, 1))[0], atol=1e-4, rtol=1e-4)
+
+
+def test_balanced_loss_trains_on_a_series(series_file, tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            series_file,
+            "--input-frames",
+            "3",
+            "--output-frames",
+            "3",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1",
+            "--loss",
+            "balanced",
+            "--log-transform",
+            "--device",
+            "cpu",
+            "--val-fraction",
+            "0.3",
+            "--out",
+            str(tmp_path / "r"),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = runner.invoke(
+        app,
+        [
+            "evaluate",
+            series_file,
+            "--checkpoint",
+            str(tmp_path / "r" / "best.pt"),
+            "--split",
+            "val",
+            "--thresholds",
+            "0.5,2,5",
+            "--json",
+        ],
+    )
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.stdout)["units"] == "mm/h"
+    assert "csi@0.5" in json.loads(report.stdout)["scores"]["model"]
+
+
+def test_all_nan_training_data_is_refused(tmp_path):
+    path = write_h5(tmp_path / "nan.h5", np.full((6, 6, 16, 16), np.nan, dtype=np.float32))
+    result = runner.invoke(app, ["train", path, *SMALL, "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "no valid value" in result.stderr
+
+
+def test_inspect_reports_what_training_would_use(tmp_path):
+    path = write_h5(tmp_path / "i.h5", DIGITS, units="")
+    result = runner.invoke(app, ["data", "inspect", path, "--input-frames", "3", "--output-frames", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(result.stdout)["datasets"]
+    assert entry["layout"] == "NTHW" and entry["windows"] == 8 * 2 and entry["max"] == 255
+    assert runner.invoke(app, ["data", "inspect", path]).exit_code == 0
+
+
+def test_import_numpy_moving_mnist_order(tmp_path):
+    source = tmp_path / "mnist_test_seq.npy"
+    np.save(source, DIGITS.transpose(1, 0, 2, 3))  # [T, N, H, W] like the standard file
+    result = runner.invoke(app, ["data", "import", str(source), str(tmp_path / "m.h5"), "--layout", "TNHW"])
+    assert result.exit_code == 0, result.output
+    with data.open_hdf5(str(tmp_path / "m.h5")) as file:
+        frames = data.Frames(file, "frames")
+        assert frames.layout == "TNHW" and frames.sequences == 8
+        np.testing.assert_array_equal(frames.read(3, 1, 4)[:, 0], DIGITS[3, 1:5])
+    bad = runner.invoke(app, ["data", "import", str(source), str(tmp_path / "x.h5"), "--layout", "NTCHW"])
+    assert bad.exit_code == 2 and "layout NTCHW has 5 axes" in bad.stderr

@@ -1,0 +1,169 @@
+"""Baselines, scoring any model's forecast file, CSV and pictures."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from convgru_cli import baselines, pictures
+from convgru_cli.cli import app
+from tests.conftest import write_h5
+
+runner = CliRunner()
+
+
+def _translating(steps=8, size=48, speed=(2, 3)) -> torch.Tensor:
+    """[1, T, 1, H, W] smooth blobs moving ``speed`` pixels per step, no wrap-around within the frame."""
+    t, y, x = torch.meshgrid(torch.arange(steps), torch.arange(size), torch.arange(size), indexing="ij")
+    field = torch.zeros(steps, size, size)
+    for cy, cx in ((12, 8), (20, 22)):
+        field += torch.exp(-((y - cy - speed[0] * t) ** 2 + (x - cx - speed[1] * t) ** 2) / 12)
+    return (10 * field)[None, :, None]
+
+
+def test_persistence_holds_the_last_frame():
+    inputs = torch.arange(2 * 3 * 4, dtype=torch.float32).view(1, 3, 2, 2, 2)[:, :, :1]
+    held = baselines.persistence(inputs, 4)
+    assert held.shape == (1, 4, 1, 2, 2) and torch.equal(held[0, 3], inputs[0, -1])
+
+
+def test_motion_field_finds_a_known_shift():
+    motion = baselines.motion_field(_translating()[:, :4])
+    centre = motion[0, :, 12:36, 12:36]
+    assert centre[0].median().item() == pytest.approx(2, abs=0.3)
+    assert centre[1].median().item() == pytest.approx(3, abs=0.3)
+
+
+def test_optical_flow_beats_persistence_on_a_translating_field():
+    sequence = _translating()
+    inputs, truth = sequence[:, :4], sequence[:, 4:]
+    flow_error = (baselines.optical_flow(inputs, 4) - truth).square().mean()
+    persistence_error = (baselines.persistence(inputs, 4) - truth).square().mean()
+    assert flow_error < 0.25 * persistence_error
+
+
+def test_colours_by_units():
+    rain = pictures.colourise(np.array([[0.0, 0.3, 40.0]]), "mm/h", 0, 40)
+    assert tuple(rain[0, 0]) == (255, 255, 255) and len({tuple(c) for c in rain[0]}) == 3
+    grey = pictures.colourise(np.array([[0.0, 0.5, 1.0]]), "", 0, 1)
+    assert grey[0, :, 0].tolist() == [0, 127, 255] and (grey[..., 0] == grey[..., 2]).all()
+
+
+def test_picture_has_the_expected_size_and_content():
+    frames = _translating(steps=7, size=32)[0, :, 0].numpy()
+    strip, loop = pictures.render(frames[:3], frames[3:], frames[3:], "mm/h", minutes=5)
+    scale = 192 // 32
+    assert strip.height == 3 * (32 * scale + pictures.LABEL_HEIGHT + 4)
+    assert len(loop) == 4 and loop[0].width == 3 * 32 * scale + 2 * 2
+    colours = len(np.unique(np.asarray(strip).reshape(-1, 3), axis=0))
+    assert colours > 5  # white background, black labels and several rain colours
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory):
+    from convgru_cli.synth import font_glyphs, moving_digits
+
+    workdir = tmp_path_factory.mktemp("verify")
+    data = write_h5(workdir / "d.h5", moving_digits(16, 8, font_glyphs(), size=32, digits=1, seed=9))
+    arguments = [
+        "train",
+        data,
+        "--input-frames",
+        "4",
+        "--output-frames",
+        "4",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(workdir / "run"),
+    ]
+    assert runner.invoke(app, arguments).exit_code == 0
+    return workdir, data, str(workdir / "run" / "best.pt")
+
+
+def test_predict_draws_png_and_gif(model_run, tmp_path):
+    workdir, data, best = model_run
+    png, gif = tmp_path / "f.png", tmp_path / "f.gif"
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            data,
+            "--checkpoint",
+            best,
+            "--frames",
+            "4",
+            "--start",
+            "0",
+            "-o",
+            str(tmp_path / "f.h5"),
+            "--png",
+            str(png),
+            "--gif",
+            str(gif),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    with Image.open(png) as image:
+        assert image.size[0] >= 4 * 32 and len(np.unique(np.asarray(image.convert("L")))) > 10
+    with Image.open(gif) as animation:
+        assert animation.n_frames == 4
+
+
+def test_scoring_a_forecast_file_from_any_model(model_run, tmp_path):
+    _, data, best = model_run
+    forecast = tmp_path / "f.h5"
+    assert (
+        runner.invoke(
+            app, ["predict", data, "--checkpoint", best, "--frames", "4", "--start", "0", "-o", str(forecast)]
+        ).exit_code
+        == 0
+    )
+    own = runner.invoke(app, ["evaluate", "--forecast", str(forecast), "--truth", data, "--json"])
+    assert own.exit_code == 0, own.output
+    import json
+
+    report = json.loads(own.stdout)
+    assert report["truth_start"] == 4 and set(report["scores"]) == {"forecast", "persistence", "optical_flow"}
+    direct = json.loads(
+        runner.invoke(app, ["evaluate", data, "--checkpoint", best, "--json", "--precision", "fp32"]).stdout
+    )
+    # The same windows (one per sequence, frames 0..7): the file's scores equal evaluate's own model scores.
+    assert report["scores"]["forecast"]["mse"] == pytest.approx(direct["scores"]["model"]["mse"], rel=2e-2)
+    # A perfect forecast scores perfectly: the truth itself, written as a forecast file.
+    with h5py.File(data) as file:
+        future = file["frames"][:, 4:8].astype(np.float32)
+    with h5py.File(tmp_path / "perfect.h5", "w") as file:
+        file.create_dataset("forecast", data=future).attrs["layout"] = "NTHW"
+    perfect = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--forecast",
+            str(tmp_path / "perfect.h5"),
+            "--truth",
+            data,
+            "--truth-start",
+            "4",
+            "--json",
+            "--csv",
+            str(tmp_path / "s.csv"),
+            "--plot",
+            str(tmp_path / "s.png"),
+        ],
+    )
+    assert perfect.exit_code == 0, perfect.output
+    scores = json.loads(perfect.stdout)["scores"]["forecast"]
+    assert scores["mse"] == [0.0] * 4 and scores["ssim"] == pytest.approx([1.0] * 4)
+    rows = (tmp_path / "s.csv").read_text().splitlines()
+    assert rows[0] == "method,metric,lead_time,value" and "forecast,mse,1,0.0" in rows
+    with Image.open(tmp_path / "s.png") as plot:
+        assert plot.size[0] >= 600
+    mismatch = runner.invoke(app, ["evaluate", "--forecast", str(forecast), "--truth", data, "--truth-start", "6"])
+    assert mismatch.exit_code == 2 and "--truth-start" in mismatch.stderr
