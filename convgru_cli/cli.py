@@ -161,7 +161,9 @@ def _toml(options: dict) -> str:
 @_reported
 def train(
     ctx: typer.Context,
-    data: Annotated[str | None, typer.Argument(help="HDF5 file of frame sequences (or 'data' in --config).")] = None,
+    data: Annotated[
+        list[str] | None, typer.Argument(help="HDF5 file(s) or globs of frame sequences (or 'data' in --config).")
+    ] = None,
     config: Annotated[str | None, typer.Option(help="TOML file of train options; the command line wins.")] = None,
     dataset: DatasetOpt = None,
     layout: LayoutOpt = None,
@@ -208,8 +210,10 @@ def train(
     from convgru_cli.model import make_config
 
     o = _merge_config(ctx, config)
-    if o["data"] is None:
+    if not o["data"]:
         raise UserError("no data file: name one, or give 'data' in --config")
+    if isinstance(o["data"], str):
+        o["data"] = [o["data"]]
     devices.set_threads(o["threads"])
     if o["input_frames"] < 1 or o["output_frames"] < 1:
         raise UserError("--input-frames and --output-frames must be at least 1")
@@ -256,7 +260,7 @@ def train(
             precision=o["precision"],
             workers=o["workers"],
         )
-        run_dir = out or training.new_run_dir(o["data"])
+        run_dir = out or training.new_run_dir(o["data"][0])
         model_config = make_config(o["arch"], channels=1, cell=o["cell"])
         saved_options = _toml({k: v for k, v in o.items() if k not in NOT_IN_CONFIG})
         summary = training.train(
@@ -323,7 +327,11 @@ def evaluate(
     data: DataArg = None,
     checkpoint: CheckpointOpt = None,
     split: Annotated[str, typer.Option(help="all: every window; val: the checkpoint's validation split.")] = "all",
-    thresholds: Annotated[str | None, typer.Option(help="Event thresholds in data units, e.g. 0.5,2,5.")] = None,
+    thresholds: Annotated[
+        str | None, typer.Option(help="Event thresholds in data units (0.5,2,5), or with a unit: 1mm/h,35dBZ.")
+    ] = None,
+    zr: Annotated[str, typer.Option(help="Z-R relation a,b (Z = a R^b) for thresholds in the other unit.")] = "200,1.6",
+    fss_scales: Annotated[str | None, typer.Option(help="With --thresholds: FSS window sizes in pixels.")] = None,
     forecast: Annotated[str | None, typer.Option(help="Score this forecast file (any model's) instead.")] = None,
     truth: Annotated[str | None, typer.Option(help="With --forecast: the observed frames.")] = None,
     truth_start: Annotated[int | None, typer.Option(help="With --forecast: truth frame of lead 1.")] = None,
@@ -342,17 +350,25 @@ def evaluate(
     from convgru_cli import evaluate as verification
     from convgru_cli import pictures
 
-    levels = _floats(thresholds, "--thresholds")
+    levels = tuple(part.strip() for part in (thresholds or "").split(",") if part.strip())
+    relation = _floats(zr, "--zr")
+    if len(relation) != 2 or min(relation) <= 0:
+        raise UserError(f"--zr {zr}: expected two positive numbers a,b")
+    scales = tuple(int(v) for v in _floats(fss_scales, "--fss-scales"))
+    if scales and (not levels or min(scales) < 1):
+        raise UserError("--fss-scales needs --thresholds, and window sizes of at least 1 pixel")
     for path in (csv, plot):
         if path and os.path.exists(path) and not force:
             raise UserError(f"{path}: already exists; use --force to overwrite it")
     if forecast:
         if truth is None or data is not None:
             raise UserError("--forecast needs --truth FILE (and no DATA argument)")
-        report = verification.evaluate_forecasts(forecast, truth, truth_start, dataset, layout, levels, batch_size)
+        report = verification.evaluate_forecasts(
+            forecast, truth, truth_start, dataset, layout, levels, batch_size, scales, relation
+        )
     else:
         report = verification.evaluate_file(
-            data, checkpoint, dataset, layout, split, levels, batch_size, device, precision
+            data, checkpoint, dataset, layout, split, levels, batch_size, device, precision, scales, relation
         )
     if not _main_process():
         return
@@ -469,7 +485,7 @@ def inspect(
             no_data,
             str(d.get("windows", "")),
         )
-    Console().print(table)
+    Console(width=140).print(table)
     for d in report["datasets"]:
         if "problem" in d:
             typer.echo(f"{d['name']}: {d['problem']}")

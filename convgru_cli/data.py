@@ -7,6 +7,7 @@ with h5py slices, each DataLoader worker opening its own handle.
 
 from __future__ import annotations
 
+import glob
 import io
 import math
 import os
@@ -193,6 +194,9 @@ class Frames:
     def in_memory(self) -> bool:
         return self._frames.in_memory
 
+    def steps_of(self, sequence: int) -> int:
+        return self.steps
+
     @property
     def is_series(self) -> bool:
         return "N" not in self.layout
@@ -227,15 +231,67 @@ class Frames:
         return block
 
 
-def windows(frames: Frames, length: int, stride: int) -> list[tuple[int, int]]:
+class FrameSet:
+    """Several files of the same frame shape seen as one: their sequences one after another (a file holding a
+    long series counts as one sequence), so that splits hold out whole sequences or whole files."""
+
+    def __init__(self, parts: list[Frames]):
+        first = parts[0]
+        for part in parts[1:]:
+            if (part.channels, part.height, part.width) != (first.channels, first.height, first.width):
+                raise UserError(
+                    f"{part.label}: frames of {part.channels}x{part.height}x{part.width}, but {first.label} has "
+                    f"{first.channels}x{first.height}x{first.width}"
+                )
+        self.parts = parts
+        self.index = [(i, n) for i, part in enumerate(parts) for n in range(part.sequences)]
+        self.label = f"{first.label} and {len(parts) - 1} more file(s)"
+        for name in ("layout", "dtype", "channels", "height", "width", "units", "timestep_minutes", "dataset"):
+            setattr(self, name, getattr(first, name))
+        self.sequences = len(self.index)
+        self.steps = min(part.steps for part in parts)
+        self.is_series = False
+        self.in_memory = all(part.in_memory for part in parts)
+
+    def steps_of(self, sequence: int) -> int:
+        return self.parts[self.index[sequence][0]].steps
+
+    def read(self, sequence: int, start: int, length: int) -> np.ndarray:
+        part, local = self.index[sequence]
+        return self.parts[part].read(local, start, length)
+
+
+def open_frames(
+    paths: list[str],
+    dataset: str | None,
+    layout: str | None = None,
+    cache: bool | None = None,
+    nan_policy: str = "mask",
+    mask_dataset: str | None = None,
+) -> Frames | FrameSet:
+    """One file, or several (shell globs expanded here too, for configs and quoted patterns), as frames."""
+    names: list[str] = []
+    for path in paths:
+        matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+        if not matches:
+            raise UserError(f"{path}: the pattern matches no file")
+        names += matches
+    parts = []
+    for name in names:
+        with open_hdf5(name) as file:
+            parts.append(Frames(file, pick_dataset(file, dataset), layout, cache, nan_policy, mask_dataset))
+    return parts[0] if len(parts) == 1 else FrameSet(parts)
+
+
+def windows(frames: Frames | FrameSet, length: int, stride: int) -> list[tuple[int, int]]:
     """Every (sequence, start) whose window of ``length`` frames lies inside the data."""
-    if frames.steps < length:
+    found = [(n, s) for n in range(frames.sequences) for s in range(0, frames.steps_of(n) - length + 1, stride)]
+    if not found:
         raise UserError(
             f"{frames.label}: sequences have {frames.steps} frames, fewer than the {length} needed "
             "(input frames + output frames); lower --input-frames/--output-frames"
         )
-    starts = range(0, frames.steps - length + 1, stride)
-    return [(n, s) for n in range(frames.sequences) for s in starts]
+    return found
 
 
 def split_windows(frames: Frames, spec: DataSpec) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

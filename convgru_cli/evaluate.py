@@ -17,7 +17,7 @@ from convgru_cli import baselines, checkpoint, data, distributed
 from convgru_cli.errors import UserError
 from convgru_cli.files import write_atomically
 from convgru_cli.forecast import Forecaster
-from convgru_cli.metrics import Scores, mean_over_leads
+from convgru_cli.metrics import MARSHALL_PALMER, Scores, mean_over_leads, thresholds_in_units
 
 # A batch of (inputs [B, T_in, C, H, W] raw, truth [B, T_out, C, H, W] raw, {method: forecast} or None)
 Batch = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
@@ -28,12 +28,13 @@ def _score(
     methods: list[str],
     lead_times: int,
     data_range: float,
-    thresholds: tuple[float, ...],
+    thresholds: dict[str, float],
     zero_one_scale: float | None,
     device: torch.device,
+    fss_scales: tuple[int, ...] = (),
 ) -> tuple[dict, dict]:
     """Run every batch through the scores of every method, summed over torchrun processes."""
-    scores = {m: Scores(lead_times, data_range, thresholds, zero_one_scale) for m in methods}
+    scores = {m: Scores(lead_times, data_range, thresholds, zero_one_scale, fss_scales) for m in methods}
     for inputs, truth, forecasts in batches:
         truth = truth.float()
         valid = torch.isfinite(truth)
@@ -70,10 +71,12 @@ def evaluate_file(
     dataset: str | None = None,
     layout: str | None = None,
     split: str = "all",
-    thresholds: tuple[float, ...] = (),
+    thresholds: tuple[str | float, ...] = (),
     batch_size: int = 16,
     device: str = "auto",
     precision: str = "auto",
+    fss_scales: tuple[int, ...] = (),
+    zr: tuple[float, float] = MARSHALL_PALMER,
 ) -> dict:
     """Scores as ``{"lead_times": [...], "scores": {method: {metric: [...]}}, "mean": {method: {metric: x}}}``
     for method in model, persistence, optical_flow, climatology."""
@@ -102,7 +105,14 @@ def evaluate_file(
     methods = ["model", "persistence", "optical_flow", "climatology"]
     data_range = norm.zero_one_scale or max(norm.data_max - norm.data_min, 1e-12)
     per_lead, mean = _score(
-        batches(), methods, spec.output_frames, data_range, thresholds, norm.zero_one_scale, forecaster.device
+        batches(),
+        methods,
+        spec.output_frames,
+        data_range,
+        thresholds_in_units(thresholds, frames.units, zr),
+        norm.zero_one_scale,
+        forecaster.device,
+        fss_scales,
     )
     report = _report(data_path or "<stdin>", frames, len(chosen), spec.output_frames, per_lead, mean)
     return {"checkpoint": forecaster.checkpoint_path, **report}
@@ -114,8 +124,10 @@ def evaluate_forecasts(
     truth_start: int | None = None,
     dataset: str | None = None,
     layout: str | None = None,
-    thresholds: tuple[float, ...] = (),
+    thresholds: tuple[str | float, ...] = (),
     batch_size: int = 16,
+    fss_scales: tuple[int, ...] = (),
+    zr: tuple[float, float] = MARSHALL_PALMER,
 ) -> dict:
     """Score a forecast file (dataset ``forecast`` [N, T, (C,) H, W], from any model) against the frames of a
     truth file from ``truth_start`` on: by default the frame after the forecast's recorded input window. The
@@ -160,7 +172,16 @@ def evaluate_forecasts(
         sample = truth.read(0, 0, truth.steps)
         low, high = float(np.nanmin(sample)), float(np.nanmax(sample))
         data_range, zero_one = max(high - low, 1e-12), (1.0 if low >= 0 and high <= 1 else None)
-    per_lead, mean = _score(batches(), methods, lead_times, data_range, thresholds, zero_one, torch.device("cpu"))
+    per_lead, mean = _score(
+        batches(),
+        methods,
+        lead_times,
+        data_range,
+        thresholds_in_units(thresholds, truth.units, zr),
+        zero_one,
+        torch.device("cpu"),
+        fss_scales,
+    )
     report = _report(truth_path, truth, truth.sequences, lead_times, per_lead, mean)
     return {"forecast": forecast_path, "truth_start": truth_start, **report}
 

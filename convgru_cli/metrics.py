@@ -3,8 +3,9 @@
 Continuous: MSE and MAE per pixel (data units), OpenSTL's per-frame sum of squared errors on [0, 1] data
 (``mse_frame_sum``, the unit of the Moving MNIST tables), SSIM (Gaussian window 11, σ 1.5) and PSNR.
 Categorical, at thresholds in data units: hits, misses, false alarms and correct negatives over all valid
-pixels, from which CSI, POD, FAR, HSS, ETS and frequency bias follow. Undefined scores (a zero
-denominator: no event observed or forecast) are NaN.
+pixels, from which CSI, POD, FAR, HSS, ETS and frequency bias follow; optionally the fractions skill score
+(Roberts and Lean 2008) of event fractions in square windows of ``fss_scales`` pixels. Undefined scores (a
+zero denominator: no event observed or forecast) are NaN.
 """
 
 from __future__ import annotations
@@ -18,8 +19,47 @@ CONTINUOUS = ("mse", "mae", "ssim", "psnr")
 CATEGORICAL = ("csi", "pod", "far", "hss", "ets", "bias")
 
 
+MARSHALL_PALMER = (200.0, 1.6)  # Z = a R^b, Z in mm^6/m^3, R in mm/h
+UNIT_SUFFIXES = {"mm/h": "mm/h", "dbz": "dBZ"}
+
+
 def format_threshold(threshold: float) -> str:
     return f"{threshold:g}"
+
+
+def rain_rate_to_dbz(rate: float, zr: tuple[float, float] = MARSHALL_PALMER) -> float:
+    a, b = zr
+    return 10 * math.log10(a * rate**b) if rate > 0 else -math.inf
+
+
+def dbz_to_rain_rate(dbz: float, zr: tuple[float, float] = MARSHALL_PALMER) -> float:
+    a, b = zr
+    return (10 ** (dbz / 10) / a) ** (1 / b)
+
+
+def thresholds_in_units(
+    given: tuple[str | float, ...], units: str, zr: tuple[float, float] = MARSHALL_PALMER
+) -> dict[str, float]:
+    """Label (as given) -> threshold in the data's units. A value may carry a unit, "1mm/h" or "35dBZ"; one in the
+    other unit than the data's is converted with the Z-R relation ``zr`` (Marshall-Palmer by default)."""
+    from convgru_cli.errors import UserError
+
+    data_unit = UNIT_SUFFIXES.get(units.strip().lower())
+    levels = {}
+    for item in given:
+        text = str(item).strip()
+        unit = next((u for s, u in UNIT_SUFFIXES.items() if text.lower().endswith(s)), None)
+        number = text[: len(text) - len(unit)] if unit else text
+        try:
+            value = float(number)
+        except ValueError:
+            raise UserError(f"--thresholds {text}: expected a number, optionally with mm/h or dBZ") from None
+        if unit and unit != data_unit:
+            if data_unit is None:
+                raise UserError(f"--thresholds {text}: the data's units ({units or 'none'}) are neither mm/h nor dBZ")
+            value = rain_rate_to_dbz(value, zr) if unit == "mm/h" else dbz_to_rain_rate(value, zr)
+        levels[text if unit else format_threshold(value)] = value
+    return levels
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -54,13 +94,21 @@ class Scores:
         self,
         lead_times: int,
         data_range: float,
-        thresholds: tuple[float, ...] = (),
+        thresholds: tuple[float, ...] | dict[str, float] = (),
         zero_one_scale: float | None = None,
+        fss_scales: tuple[int, ...] = (),
     ):
+        """``thresholds``: values in data units, or {label: value} to name them as the user gave them."""
         self.lead_times = lead_times
         self.data_range = data_range
-        self.thresholds = tuple(thresholds)
+        if not isinstance(thresholds, dict):
+            thresholds = {format_threshold(t): t for t in thresholds}
+        self.labels = list(thresholds)
+        self.thresholds = tuple(thresholds.values())
         self.zero_one_scale = zero_one_scale
+        self.fss_scales = tuple(fss_scales)
+        # per threshold, scale and lead: sum of (Pf - Po)^2 and of Pf^2 + Po^2
+        self.fss = torch.zeros(len(self.thresholds), len(self.fss_scales), lead_times, 2, dtype=torch.float64)
         names = ["sse", "sae", "pixels", "frame_sse01", "ssim", "psnr", "frames"]
         self.sums = {name: torch.zeros(lead_times, dtype=torch.float64) for name in names}
         self.table = torch.zeros(len(self.thresholds), lead_times, 4, dtype=torch.float64)
@@ -94,21 +142,33 @@ class Scores:
             ]
             for j, event in enumerate(counts):
                 self.table[i, :, j] += (event & valid).sum(by_lead).double().cpu()
+            for k, scale in enumerate(self.fss_scales):
+                fractions = [
+                    F.avg_pool2d((yes & valid).double().flatten(0, 2)[:, None], scale, 1, scale // 2).view(
+                        *truth.shape[:3], -1
+                    )
+                    for yes in (forecast_yes, observed_yes)
+                ]
+                pf, po = fractions
+                self.fss[i, k, :, 0] += (pf - po).square().sum(dim=(0, 2, 3)).cpu()
+                self.fss[i, k, :, 1] += (pf.square() + po.square()).sum(dim=(0, 2, 3)).cpu()
 
     def merge(self, other: Scores) -> None:
         for name, value in other.sums.items():
             self.sums[name] += value
         self.table += other.table
+        self.fss += other.fss
 
     def state(self) -> torch.Tensor:
         """All running sums as one tensor, so that DDP ranks can reduce them in one call."""
-        return torch.cat([torch.stack(list(self.sums.values())).flatten(), self.table.flatten()])
+        return torch.cat([torch.stack(list(self.sums.values())).flatten(), self.table.flatten(), self.fss.flatten()])
 
     def load_state(self, flat: torch.Tensor) -> None:
         size = len(self.sums) * self.lead_times
         for i, name in enumerate(self.sums):
             self.sums[name] = flat[i * self.lead_times : (i + 1) * self.lead_times].clone()
-        self.table = flat[size:].view_as(self.table).clone()
+        self.table = flat[size : size + self.table.numel()].view_as(self.table).clone()
+        self.fss = flat[size + self.table.numel() :].view_as(self.fss).clone()
 
     def compute(self) -> dict[str, list[float]]:
         s = self.sums
@@ -121,9 +181,12 @@ class Scores:
         }
         if self.zero_one_scale:
             scores["mse_frame_sum"] = (s["frame_sse01"] / frames).tolist()
-        for i, threshold in enumerate(self.thresholds):
+        for i, label in enumerate(self.labels):
             for name, values in categorical_scores(self.table[i]).items():
-                scores[f"{name}@{format_threshold(threshold)}"] = values
+                scores[f"{name}@{label}"] = values
+            for k, scale in enumerate(self.fss_scales):
+                difference, reference = self.fss[i, k].unbind(-1)
+                scores[f"fss@{label}/{scale}"] = [1 - r for r in _ratio(difference, reference)]
         return scores
 
 

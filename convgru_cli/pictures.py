@@ -67,8 +67,8 @@ def render(
     """Inputs [T_in, H, W], forecast [T_out, H, W], truth [T_out, H, W] or None (one channel).
 
     Returns the PNG strip (rows: inputs, truth, forecast) and the GIF frames (last input | truth | forecast)."""
-    shown = [inputs, forecast] + ([truth] if truth is not None else [])
-    finite = np.concatenate([a[np.isfinite(a)] for a in shown])
+    observed = [inputs] + ([truth] if truth is not None else [])  # the colour scale follows the observations
+    finite = np.concatenate([a[np.isfinite(a)] for a in observed])
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     scale = max(1, 192 // max(inputs.shape[-2:]))
     image = {name: colourise(a, units, low, high) for name, a in (("in", inputs), ("fc", forecast))}

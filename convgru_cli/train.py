@@ -135,7 +135,7 @@ def new_run_dir(data_path: str) -> str:
 
 
 def train(
-    data_path: str,
+    data_path: str | list[str],
     spec: data.DataSpec,
     model_config: ModelConfig,
     config: TrainConfig,
@@ -144,16 +144,17 @@ def train(
     show_progress: bool = True,
     options_toml: str | None = None,
 ) -> dict:
-    """Train on ``data_path`` into ``run_dir``; returns a summary. The model takes its channel count from the
-    data. A ``run_dir`` that holds a run is refused unless ``force``. ``options_toml``, the command-line
-    options that made the run, is saved as config.toml so that the run can be repeated."""
+    """Train on ``data_path`` (a file, or several files or globs) into ``run_dir``; returns a summary.
+
+    The model takes its channel count from the data. A ``run_dir`` that holds a run is refused unless ``force``.
+    ``options_toml``, the command-line options that made the run, is saved as config.toml to repeat it."""
     return _fit(data_path, spec, model_config, config, run_dir, None, force, show_progress, options_toml)
 
 
 RESUME_CHANGES = ("epochs", "max_time", "patience", "device", "workers", "cache")
 
 
-def resume(data_path: str, run_dir: str, show_progress: bool = True, **changes) -> dict:
+def resume(data_path: str | list[str], run_dir: str, show_progress: bool = True, **changes) -> dict:
     """Continue the run in ``run_dir`` from its last.pt, exactly where it stopped (mid-epoch included).
     ``changes`` may set epochs (to train longer), max_time, device or workers; all else is as saved."""
     unknown = set(changes) - set(RESUME_CHANGES)
@@ -167,7 +168,7 @@ def resume(data_path: str, run_dir: str, show_progress: bool = True, **changes) 
 
 
 def _fit(
-    data_path: str,
+    data_path: str | list[str],
     spec: data.DataSpec,
     model_config: ModelConfig,
     config: TrainConfig,
@@ -182,15 +183,14 @@ def _fit(
     config.check()
     precision = pick_precision(config.precision, device)
 
-    with data.open_hdf5(data_path) as file:
-        name = data.pick_dataset(file, spec.dataset)
-        frames = data.Frames(file, name, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset)
+    paths = [data_path] if isinstance(data_path, str) else list(data_path)
+    frames = data.open_frames(paths, spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset)
     spec = data.DataSpec(**{**spec.to_dict(), "dataset": frames.dataset, "layout": frames.layout})
     train_windows, val_windows = data.split_windows(frames, spec)
     if len(train_windows) < config.batch_size * world:
         raise UserError(
             f"--batch-size {config.batch_size}: larger than the {len(train_windows)} training windows "
-            f"{'per process ' if world > 1 else ''}in {data_path}; lower it"
+            f"{'per process ' if world > 1 else ''}in {frames.label}; lower it"
         )
     if saved:
         normalisation = data.Normalisation(**saved["normalisation"])

@@ -172,3 +172,37 @@ def test_import_numpy_moving_mnist_order(tmp_path):
         np.testing.assert_array_equal(frames.read(3, 1, 4)[:, 0], DIGITS[3, 1:5])
     bad = runner.invoke(app, ["data", "import", str(source), str(tmp_path / "x.h5"), "--layout", "NTCHW"])
     assert bad.exit_code == 2 and "layout NTCHW has 5 axes" in bad.stderr
+
+
+def _peak_training_memory_mb(path, run_dir) -> float:
+    """Peak resident memory of a fresh process that trains on ``path`` for 4 s with --cache off."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource; from convgru_cli.cli import app; "
+        f"args = ['train', {str(path)!r}, '--cache', 'off', '--max-time', '4', '--val-fraction', '0.01', "
+        f"'--batch-size', '8', '--device', 'cpu', '--out', {str(run_dir)!r}]; "
+        "app(args, standalone_mode=False); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.split()[-1]) / 1024
+
+
+def test_training_memory_does_not_grow_with_the_file(tmp_path):
+    """--cache off reads windows lazily: a file 60x larger (490 MB of frames) costs under a third of that more."""
+    block = moving_digits(100, 20, font_glyphs(), seed=12)  # 8 MB
+    sizes = {"small": 100, "big": 6000}
+    for name, sequences in sizes.items():
+        with h5py.File(tmp_path / f"{name}.h5", "w") as file:
+            frames = file.create_dataset(
+                "frames", (sequences, 20, 64, 64), "u1", chunks=(1, 20, 64, 64), compression="lzf"
+            )
+            for start in range(0, sequences, 100):
+                frames[start : start + 100] = block
+    small = _peak_training_memory_mb(tmp_path / "small.h5", tmp_path / "run-small")
+    big = _peak_training_memory_mb(tmp_path / "big.h5", tmp_path / "run-big")
+    data_mb = sizes["big"] * 20 * 64 * 64 / 2**20
+    assert big - small < data_mb / 3, (small, big, data_mb)

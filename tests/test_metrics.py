@@ -92,3 +92,35 @@ def test_merged_state_equals_one_pass():
     restored = Scores(3, 10.0, thresholds=(2.0, 5.0))
     restored.load_state(first.state())
     assert restored.compute() == first.compute()
+
+
+def test_fractions_skill_score_by_hand_and_perfect_match():
+    # One event pixel, forecast one pixel to the right: no overlap at scale 1, FSS 0; perfect at the whole field.
+    truth = torch.zeros(1, 1, 1, 3, 3)
+    truth[..., 1, 1] = 1
+    prediction = torch.zeros(1, 1, 1, 3, 3)
+    prediction[..., 1, 2] = 1
+    scores = Scores(1, 1.0, thresholds=(0.5,), fss_scales=(1, 3))
+    scores.update(prediction, truth)
+    result = scores.compute()
+    assert result["fss@0.5/1"] == pytest.approx([0.0])
+    assert 0 < result["fss@0.5/3"][0] < 1
+    same = Scores(1, 1.0, thresholds=(0.5,), fss_scales=(3,))
+    same.update(truth, truth)
+    assert same.compute()["fss@0.5/3"] == pytest.approx([1.0])
+
+
+def test_thresholds_in_the_other_unit_use_the_zr_relation():
+    from convgru_cli.errors import UserError
+    from convgru_cli.metrics import dbz_to_rain_rate, rain_rate_to_dbz, thresholds_in_units
+
+    assert rain_rate_to_dbz(1.0) == pytest.approx(10 * math.log10(200))
+    assert dbz_to_rain_rate(rain_rate_to_dbz(7.5)) == pytest.approx(7.5)
+    levels = thresholds_in_units(("1mm/h", "30", "35dBZ"), "dBZ")
+    assert levels == pytest.approx({"1mm/h": 10 * math.log10(200), "30": 30.0, "35dBZ": 35.0})
+    in_rain = thresholds_in_units(("23.0103dBZ",), "mm/h", zr=(200.0, 1.6))
+    assert in_rain["23.0103dBZ"] == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(UserError, match="neither mm/h nor dBZ"):
+        thresholds_in_units(("1mm/h",), "K")
+    with pytest.raises(UserError, match="expected a number"):
+        thresholds_in_units(("heavy",), "mm/h")

@@ -1,0 +1,77 @@
+"""Forecast quality per CPU-minute: train for fixed time budgets on Moving MNIST, score 1,000 test sequences.
+
+Moving MNIST (two digits bouncing on 64x64, 10 -> 10) is made from a real MNIST idx file; training and test
+sequences use disjoint digit images (the first 8,000 images and the last 2,000). Each budget is its own run
+(`convgru train --max-time BUDGET`, whose cosine schedule is sized to the budget) with otherwise default
+options, so each row is what a user gets from that many minutes. Not a test: CI does not run it.
+
+    python benchmarks/bench_skill.py --mnist ../shared/data/mnist/t10k-images-idx3-ubyte.gz \
+        [--budgets 60,120,300,600] [--arch fast] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+
+import torch
+
+from convgru_cli import train
+from convgru_cli.data import DataSpec
+from convgru_cli.evaluate import evaluate_file
+from convgru_cli.model import make_config
+from convgru_cli.synth import moving_digits, read_mnist_images, write_sequences
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mnist", required=True, help="t10k-images-idx3-ubyte.gz (or any MNIST idx3 file)")
+    parser.add_argument("--budgets", default="60,120,300,600", help="training seconds, comma-separated")
+    parser.add_argument("--arch", default="fast")
+    parser.add_argument("--train-sequences", type=int, default=10000)
+    parser.add_argument("--test-sequences", type=int, default=1000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    images = read_mnist_images(args.mnist)
+    split = len(images) * 4 // 5
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        train_path, test_path = os.path.join(folder, "train.h5"), os.path.join(folder, "test.h5")
+        write_sequences(train_path, moving_digits(args.train_sequences, 20, images[:split], seed=1))
+        write_sequences(test_path, moving_digits(args.test_sequences, 20, images[split:], seed=2))
+        for budget in (float(b) for b in args.budgets.split(",")):
+            run_dir = os.path.join(folder, f"run-{budget:g}")
+            config = train.TrainConfig(epochs=1000, max_time=budget)
+            spec = DataSpec(dataset=None, layout=None, val_fraction=0.05)
+            summary = train.train(train_path, spec, make_config(args.arch, 1), config, run_dir, show_progress=False)
+            last = torch.load(summary["last_checkpoint"], weights_only=True)["progress"]
+            report = evaluate_file(test_path, summary["last_checkpoint"])
+            mean = report["mean"]
+            rows.append({
+                "budget_s": budget,
+                "sequences_seen": last["step"] * config.batch_size,
+                "mse_frame_sum": mean["model"]["mse_frame_sum"],
+                "ssim": mean["model"]["ssim"],
+                "persistence_mse_frame_sum": mean["persistence"]["mse_frame_sum"],
+                "climatology_mse_frame_sum": mean["climatology"]["mse_frame_sum"],
+                "mse_frame_sum_by_lead": report["scores"]["model"]["mse_frame_sum"],
+            })  # fmt: skip
+    result = {"arch": args.arch, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "rows": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"arch {args.arch}; {result['machine']}; {args.test_sequences} test sequences (MSE: per-frame sum, [0, 1])")
+    print(f"{'budget':>8}{'sequences':>11}{'MSE':>8}{'SSIM':>7}{'persist.':>10}{'climat.':>9}")
+    for row in rows:
+        print(
+            f"{row['budget_s']:>7g}s{row['sequences_seen']:>11}{row['mse_frame_sum']:>8.1f}{row['ssim']:>7.3f}"
+            f"{row['persistence_mse_frame_sum']:>10.1f}{row['climatology_mse_frame_sum']:>9.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
