@@ -26,9 +26,10 @@ def motion_field(inputs: torch.Tensor, max_speed: int = 6, window: int = 9, pair
     if pairs < 1:
         return fields.new_zeros(fields.shape[0], 2, *fields.shape[-2:])
     shifts = [(dy, dx) for dy in range(-max_speed, max_speed + 1) for dx in range(-max_speed, max_speed + 1)]
-    costs = []
+    best_cost = torch.full_like(fields[:, :1], torch.inf)  # a running minimum: one cost map in memory, not 169
+    best = torch.zeros(best_cost.shape, dtype=torch.long, device=inputs.device)
     pad = max_speed
-    for dy, dx in shifts:
+    for index, (dy, dx) in enumerate(shifts):
         cost = 0.0
         for k in range(1, pairs + 1):
             before, after = fields[:, -k - 1], fields[:, -k]
@@ -37,10 +38,12 @@ def motion_field(inputs: torch.Tensor, max_speed: int = 6, window: int = 9, pair
             # content at (y, x) after one step came from (y - dy, x - dx)
             moved = padded[:, pad - dy : pad - dy + h, pad - dx : pad - dx + w]
             cost = cost + (after - moved) ** 2
-        costs.append(F.avg_pool2d(cost[:, None], window, stride=1, padding=window // 2, count_include_pad=False))
-    best = torch.cat(costs, dim=1).argmin(dim=1)  # [B, H, W]
+        cost = F.avg_pool2d(cost[:, None], window, stride=1, padding=window // 2, count_include_pad=False)
+        better = cost < best_cost
+        best_cost = torch.where(better, cost, best_cost)
+        best = torch.where(better, index, best)
     table = torch.tensor(shifts, dtype=torch.float32, device=inputs.device)  # [S, 2]
-    motion = table[best].permute(0, 3, 1, 2)  # [B, 2, H, W]
+    motion = table[best[:, 0]].permute(0, 3, 1, 2)  # [B, 2, H, W]
     return F.avg_pool2d(motion, window, stride=1, padding=window // 2, count_include_pad=False)
 
 

@@ -48,7 +48,9 @@ def _reported(command):
         except UserError as error:
             if settings["debug"]:
                 raise
-            typer.echo(f"convgru: error: {error}", err=True)
+            # An error raised in a DataLoader worker arrives wrapped with the worker's traceback: keep its message.
+            message = str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+            typer.echo(f"convgru: error: {message}", err=True)
             raise typer.Exit(2) from None
         except Interrupted as stop:
             typer.echo(
@@ -121,6 +123,19 @@ PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 where fast), fp32, b
 
 # Options that say how to run, not what to train: never read from or saved to a config file.
 NOT_IN_CONFIG = {"config", "out", "resume", "force", "as_json"}
+# What a resumed run may be given on the command line; everything else comes from its checkpoint.
+RESUME_OPTIONS = {
+    "data",
+    "resume",
+    "epochs",
+    "max_time",
+    "workers",
+    "patience",
+    "device",
+    "cache",
+    "threads",
+    "as_json",
+}
 
 
 def _merge_config(ctx: typer.Context, path: str | None) -> dict:
@@ -223,10 +238,15 @@ def train(
         raise UserError(f"--val-fraction {o['val_fraction']}: must be in [0, 1)")
     show_progress = not settings.get("quiet")
     if resume:
-        changes = {k: o[k] for k in ("epochs", "max_time", "workers", "patience") if o[k] is not None}
-        if ctx.get_parameter_source("cache").name == "COMMANDLINE":
+        given = {name for name in ctx.params if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+        fixed = given - RESUME_OPTIONS
+        if fixed:
+            options = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(fixed))
+            raise UserError(f"--resume continues a run as it was saved: {options} cannot change")
+        changes = {k: o[k] for k in ("epochs", "max_time", "workers", "patience", "device") if k in given}
+        if "cache" in given:
             changes["cache"] = _cache(o["cache"])
-        summary = training.resume(o["data"], resume, show_progress, device=o["device"], **changes)
+        summary = training.resume(o["data"], resume, show_progress, **changes)
     else:
         clip_bounds = _floats(o["clip"], "--clip")
         if o["clip"] and (len(clip_bounds) != 2 or clip_bounds[0] >= clip_bounds[1]):
@@ -244,7 +264,7 @@ def train(
             clip_bounds or None,
         )
         train_config = training.TrainConfig(
-            epochs=o["epochs"] or 10,
+            epochs=10 if o["epochs"] is None else o["epochs"],
             batch_size=o["batch_size"],
             lr=o["lr"],
             loss=o["loss"],

@@ -71,14 +71,27 @@ def open_hdf5(path: str | None) -> h5py.File:
         raise UserError(f"{path}: not a readable HDF5 file ({error})") from None
 
 
+def file_label(file: h5py.File) -> str:
+    """The file's name for messages; a file piped in on standard input has none."""
+    return "<stdin>" if file.driver == "fileobj" else file.filename
+
+
+def text_attribute(holder: h5py.Dataset | h5py.File, name: str, default: str = "") -> str:
+    """A string attribute, whether stored as variable-length text or as fixed-length bytes."""
+    value = holder.attrs.get(name, default)
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.item()
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def pick_dataset(file: h5py.File, name: str | None) -> str:
     """The dataset to read: the one named, or the only frame-like dataset in the file."""
-    label = file.filename if isinstance(file.filename, str) else "input"
+    label = file_label(file)
     if name:
         if name not in file or not isinstance(file[name], h5py.Dataset):
-            raise UserError(f"{label}: no dataset {name!r} (datasets: {', '.join(_datasets(file)) or 'none'})")
+            raise UserError(f"{label}: no dataset {name!r} (datasets: {', '.join(dataset_names(file)) or 'none'})")
         return name
-    candidates = [n for n in _datasets(file) if n.rsplit("/", 1)[-1] not in NOT_FRAMES]
+    candidates = [n for n in dataset_names(file) if n.rsplit("/", 1)[-1] not in NOT_FRAMES]
     if len(candidates) > 1:
         candidates = [n for n in candidates if file[n].ndim >= 3]
     if len(candidates) != 1:
@@ -87,7 +100,7 @@ def pick_dataset(file: h5py.File, name: str | None) -> str:
     return candidates[0]
 
 
-def _datasets(file: h5py.File) -> list[str]:
+def dataset_names(file: h5py.File) -> list[str]:
     names: list[str] = []
     file.visititems(lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset) else None)
     return names
@@ -156,8 +169,8 @@ class Frames:
             raise UserError(f"--nan-policy {nan_policy}: choose one of {', '.join(NAN_POLICIES)}")
         self.nan_policy = nan_policy
         source = file[dataset]
-        self.label = f"{file.filename if isinstance(file.filename, str) else 'input'}:{dataset}"
-        self.layout = resolve_layout(source.shape, layout, self.label, str(source.attrs.get("layout", "")))
+        self.label = f"{file_label(file)}:{dataset}"
+        self.layout = resolve_layout(source.shape, layout, self.label, text_attribute(source, "layout"))
         if not (np.issubdtype(source.dtype, np.integer) or np.issubdtype(source.dtype, np.floating)):
             raise UserError(f"{self.label}: dtype {source.dtype} is not numeric")
         if source.size == 0:
@@ -168,7 +181,7 @@ class Frames:
         self.steps = sizes["T"]
         self.channels = sizes.get("C", 1)
         self.height, self.width = sizes["H"], sizes["W"]
-        self.units = str(source.attrs.get("units", file.attrs.get("units", "")))
+        self.units = text_attribute(source, "units") or text_attribute(file, "units")
         self.timestep_minutes = float(source.attrs.get("timestep_minutes", file.attrs.get("timestep_minutes", 0)))
         self.dataset = dataset
         in_memory = source.nbytes <= CACHE_BYTES if cache is None else cache

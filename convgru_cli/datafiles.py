@@ -19,9 +19,7 @@ def inspect_file(path: str, input_frames: int = 10, output_frames: int = 10, str
     no-data fraction (over up to 64 frames), the layout we would use and the number of windows it gives."""
     with data.open_hdf5(path) as file:
         report = {"file": path, "attributes": {k: _plain(v) for k, v in file.attrs.items()}, "datasets": []}
-        names: list[str] = []
-        file.visititems(lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset) else None)
-        for name in names:
+        for name in data.dataset_names(file):
             dataset = file[name]
             entry = {
                 "name": name,
@@ -42,7 +40,12 @@ def _frame_summary(file: h5py.File, name: str, window: int, stride: int) -> dict
         frames = data.Frames(file, name, cache=False)
     except UserError as error:
         return {"problem": str(error)}
-    sample = np.stack([frames.read(n, 0, min(frames.steps, SAMPLE_FRAMES)) for n in range(min(frames.sequences, 4))])
+    try:
+        sample = np.stack(
+            [frames.read(n, 0, min(frames.steps, SAMPLE_FRAMES)) for n in range(min(frames.sequences, 4))]
+        )
+    except UserError as error:  # e.g. infinite values: a problem of this dataset, not of the whole report
+        return {"layout": frames.layout, "problem": str(error)}
     finite = sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample
     summary = {
         "layout": frames.layout,
@@ -80,6 +83,8 @@ def import_array(source: str, output: str, layout: str, dataset: str = "frames",
         array = np.load(source, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as error:
         raise UserError(f"{source}: not a numpy .npy array ({error})") from None
+    if not isinstance(array, np.ndarray):
+        raise UserError(f"{source}: a .npz archive; save the array alone with numpy.save (.npy)")
     layout = data.resolve_layout(array.shape, layout, source)
     sizes = dict(zip(layout, array.shape, strict=True))
     # One chunk per sequence (a window reads one chunk), or per frame for a long series.

@@ -8,13 +8,14 @@ import torch
 import torch.distributed as dist
 
 
-def setup() -> tuple[int, int]:
-    """(rank, world size), joining the process group that torchrun's environment describes."""
+def setup(device: torch.device) -> tuple[int, int]:
+    """(rank, world size), joining the process group that torchrun's environment describes: NCCL when the
+    processes compute on CUDA, gloo otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
@@ -26,6 +27,15 @@ def process_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+def max_over_processes(value: float, device: torch.device) -> float:
+    """The largest of each process's ``value`` (itself when there is one process)."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
 
 
 def sum_over_processes(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

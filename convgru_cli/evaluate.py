@@ -8,6 +8,7 @@ frame already beats persistence, so a model has to beat all of them to show skil
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -18,6 +19,8 @@ from convgru_cli.errors import UserError
 from convgru_cli.files import write_atomically
 from convgru_cli.forecast import Forecaster
 from convgru_cli.metrics import MARSHALL_PALMER, Scores, mean_over_leads, thresholds_in_units
+
+log = logging.getLogger("convgru")
 
 # A batch of (inputs [B, T_in, C, H, W] raw, truth [B, T_out, C, H, W] raw, {method: forecast} or None)
 Batch = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
@@ -39,9 +42,9 @@ def _score(
         truth = truth.float()
         valid = torch.isfinite(truth)
         truth = torch.nan_to_num(truth)
-        if inputs.shape[1] >= 1:
+        if "persistence" in methods:
             forecasts["persistence"] = torch.nan_to_num(baselines.persistence(inputs.float(), lead_times))
-        if inputs.shape[1] >= 2:
+        if "optical_flow" in methods:
             forecasts["optical_flow"] = baselines.optical_flow(inputs, lead_times)
         for method in methods:
             scores[method].update(forecasts[method], truth, valid)
@@ -82,16 +85,25 @@ def evaluate_file(
     for method in model, persistence, optical_flow, climatology."""
     if split not in ("all", "val"):
         raise UserError(f"--split {split}: choose all or val")
-    rank, world = distributed.setup()
     with data.open_hdf5(data_path) as file:
         forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision)
+        rank, world = distributed.setup(forecaster.device)
         spec = forecaster.spec
         name = data.pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None))
         frames = data.Frames(file, name, layout, None, spec.nan_policy, data.mask_in(file, spec))
     forecaster.check_frames(frames)
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
     chosen = data.split_windows(frames, spec)[1] if split == "val" else data.windows(frames, spec.window, spec.stride)
+    if not chosen:
+        raise UserError(f"--split val: {forecaster.checkpoint_path} was trained without a validation split")
     norm = forecaster.normalisation
     climatology = norm.mean_frame.to(forecaster.device)
+    methods = ["model", "persistence"] + (["optical_flow"] if spec.input_frames >= 2 else [])
+    if climatology.shape == (frames.channels, frames.height, frames.width):
+        methods.append("climatology")
+    else:
+        log.warning("no climatology baseline: the frames are not the size the model was trained on")
 
     def batches() -> Iterator[Batch]:
         mine = chosen[rank::world]  # under torchrun each process scores a share
@@ -100,9 +112,11 @@ def evaluate_file(
             batch = torch.from_numpy(batch).to(forecaster.device)
             inputs, truth = batch[:, : spec.input_frames], batch[:, spec.input_frames :]
             model = forecaster.predict(inputs, spec.output_frames)
-            yield inputs, truth, {"model": model, "climatology": climatology.expand_as(model)}
+            forecasts = {"model": model}
+            if "climatology" in methods:
+                forecasts["climatology"] = climatology.expand_as(model)
+            yield inputs, truth, forecasts
 
-    methods = ["model", "persistence", "optical_flow", "climatology"]
     data_range = norm.zero_one_scale or max(norm.data_max - norm.data_min, 1e-12)
     per_lead, mean = _score(
         batches(),
@@ -156,6 +170,8 @@ def evaluate_forecasts(
             "set --truth-start"
         )
     history = min(truth_start, 4)
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
 
     def batches() -> Iterator[Batch]:
         for begin in range(0, truth.sequences, batch_size):

@@ -29,14 +29,19 @@ def atomic_path(path: str, force: bool = True) -> Iterator[str]:
     except OSError as error:
         raise UserError(f"{path}: cannot write in {directory} ({error.strerror})") from None
     os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
         yield temporary
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(temporary, path)
+        directory_handle = os.open(directory, os.O_RDONLY)  # the rename itself survives a power cut
+        try:
+            os.fsync(directory_handle)
+        finally:
+            os.close(directory_handle)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)

@@ -55,9 +55,10 @@ class Forecaster:
         config.check_frame_size(frames.height, frames.width)
 
     @torch.no_grad()
-    def predict(self, inputs: torch.Tensor, frames: int) -> torch.Tensor:
-        """Raw input frames [B, T, C, H, W] -> forecast [B, frames, C, H, W], float32 in data units."""
-        normalised, _ = self.normalisation.normalise(inputs.to(self.device))
+    def predict(self, inputs: torch.Tensor | np.ndarray, frames: int) -> torch.Tensor:
+        """Raw input frames [B, T, C, H, W] (tensor or array) -> forecast [B, frames, C, H, W], float32 in data
+        units."""
+        normalised, _ = self.normalisation.normalise(torch.as_tensor(inputs).to(self.device))
         with autocast(self.device, self.precision):
             prediction = self.model(normalised, frames)
         return self.normalisation.denormalise(prediction.float())
@@ -110,6 +111,8 @@ def predict_file(
     sequence ``picture_sequence``: its inputs, the truth where the file holds it, and the forecast."""
     if frames < 1:
         raise UserError(f"--frames {frames}: must be at least 1")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
     if output is None and sys.stdout.isatty():
         raise UserError("refusing to write HDF5 to a terminal: use -o FILE or redirect standard output")
     for path in (output, png, gif):

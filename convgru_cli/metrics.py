@@ -1,7 +1,9 @@
 """Forecast scores per lead time, accumulated batch by batch and mergeable across workers.
 
 Continuous: MSE and MAE per pixel (data units), OpenSTL's per-frame sum of squared errors on [0, 1] data
-(``mse_frame_sum``, the unit of the Moving MNIST tables), SSIM (Gaussian window 11, σ 1.5) and PSNR.
+(``mse_frame_sum``, the unit of the Moving MNIST tables), SSIM (Gaussian window 11, σ 1.5) and PSNR. No-data
+pixels are left out of every score but SSIM, which is computed over whole frames (frames without any data
+are left out of it too).
 Categorical, at thresholds in data units: hits, misses, false alarms and correct negatives over all valid
 pixels, from which CSI, POD, FAR, HSS, ETS and frequency bias follow; optionally the fractions skill score
 (Roberts and Lean 2008) of event fractions in square windows of ``fss_scales`` pixels. Undefined scores (a
@@ -124,14 +126,18 @@ class Scores:
         add["sse"] += (error**2).sum(by_lead).cpu()
         add["sae"] += error.abs().sum(by_lead).cpu()
         add["pixels"] += weight.sum(by_lead).cpu()
-        frame_sse = (error**2).sum(dim=(2, 3, 4))  # [B, T]
+        # Per-frame scores count only frames with data; SSIM is computed over the whole frame.
+        frame_pixels = weight.sum(dim=(2, 3, 4))  # [B, T]
+        has_data = (frame_pixels > 0).double()
+        frame_sse = (error**2).sum(dim=(2, 3, 4))
         if self.zero_one_scale:
             add["frame_sse01"] += (frame_sse / self.zero_one_scale**2).sum(0).cpu()
-        frame_mse = frame_sse / weight.sum(dim=(2, 3, 4)).clamp(min=1)
+        frame_mse = frame_sse / frame_pixels.clamp(min=1)
         psnr = 10 * torch.log10(self.data_range**2 / frame_mse.clamp(min=1e-12))
-        add["psnr"] += psnr.sum(0).cpu()
-        add["ssim"] += ssim_per_frame(prediction, truth, self.data_range).mean(dim=2).sum(0).cpu()
-        add["frames"] += torch.full((self.lead_times,), float(truth.shape[0]), dtype=torch.float64)
+        add["psnr"] += (psnr * has_data).sum(0).cpu()
+        ssim = ssim_per_frame(prediction, truth, self.data_range).mean(dim=2)
+        add["ssim"] += (ssim * has_data).sum(0).cpu()
+        add["frames"] += has_data.sum(0).cpu()
         for i, threshold in enumerate(self.thresholds):
             forecast_yes, observed_yes = prediction >= threshold, truth >= threshold
             counts = [

@@ -6,6 +6,7 @@ Rank 0 alone logs and writes; batch size is per process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -61,6 +62,10 @@ class TrainConfig:
             raise UserError(f"--loss {self.loss}: choose one of {', '.join(LOSSES)}")
         if len(self.balance_weights) != len(self.balance_thresholds) + 1:
             raise UserError("--balance-weights needs one weight more than --balance-thresholds")
+        if list(self.balance_thresholds) != sorted(self.balance_thresholds):
+            raise UserError("--balance-thresholds must be in increasing order")
+        if self.workers is not None and self.workers < 0:
+            raise UserError(f"--workers {self.workers}: must be 0 or more")
 
 
 class Interrupted(Exception):
@@ -178,8 +183,9 @@ def _fit(
     show_progress: bool,
     options_toml: str | None,
 ) -> dict:
-    rank, world = distributed.setup()
-    device = distributed.process_device(pick_device(config.device))
+    device = pick_device(config.device)
+    rank, world = distributed.setup(device)
+    device = distributed.process_device(device)
     config.check()
     precision = pick_precision(config.precision, device)
 
@@ -225,6 +231,9 @@ def _fit(
             os.makedirs(run_dir, exist_ok=True)
         except OSError as error:
             raise UserError(f"--out {run_dir}: cannot create the run directory ({error.strerror})") from None
+        for stale in ("metrics.jsonl", "best.pt"):  # a --force restart must not mix with the old run's records
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(run_dir, stale))
     net = DistributedDataParallel(model) if world > 1 else model
     if config.compile:
         # CUDA graphs replay the many small kernels of the unrolled steps without launch overhead.
@@ -299,6 +308,7 @@ def _fit(
                 leave=False,
             )
             epoch_loss, epoch_seen, epoch_start = 0.0, 0, time.perf_counter()
+            out_of_time = False
             for batch in _loader(train_set, batches[progress.batch :], workers, device):
                 raw = batch.to(device, non_blocking=True)
                 inputs, target, valid = _split(raw, normalisation, spec)
@@ -307,12 +317,20 @@ def _fit(
                     weight = weight * balance_weights(raw[:, spec.input_frames :], config)
                 fraction = progress.step / total_steps
                 if config.max_time:
-                    fraction = max(fraction, (time.perf_counter() - started) / config.max_time)
+                    # One clock for all processes: the same learning rate everywhere, and all stop together.
+                    elapsed = distributed.max_over_processes(time.perf_counter() - started, device)
+                    fraction = max(fraction, elapsed / config.max_time)
+                    out_of_time = elapsed >= config.max_time
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, progress.step, fraction)
                 with autocast(device, precision):
                     prediction = net(inputs, spec.output_frames)
                 loss = weighted_loss(prediction.float(), target, weight, config.loss)
+                if not torch.isfinite(loss):
+                    raise UserError(
+                        f"training diverged: the loss is {loss.item()} at step {progress.step + 1}; "
+                        "lower --lr or check the data (try --log-transform or --clip for heavy-tailed values)"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
@@ -326,14 +344,14 @@ def _fit(
                 rate = epoch_seen * world / (time.perf_counter() - epoch_start)
                 bar.set_postfix(loss=f"{loss.item():.4f}", seq_s=f"{rate:.1f}")
                 bar.update()
-                if config.max_time and time.perf_counter() - started >= config.max_time:
+                if out_of_time:
                     break
             bar.close()
-            out_of_time = config.max_time and time.perf_counter() - started >= config.max_time
+            progress.elapsed = time.perf_counter() - started
+            # The epoch counts as done only after validation: a Ctrl-C during it resumes into validation.
+            val_loss = validate(net, frames, val_windows, spec, normalisation, config, device, precision, rank, world)
             progress.epoch += 1
             progress.batch = 0
-            progress.elapsed = time.perf_counter() - started
-            val_loss = validate(net, frames, val_windows, spec, normalisation, config, device, precision, rank, world)
             record = {
                 "epoch": progress.epoch,
                 "step": progress.step,
@@ -342,21 +360,23 @@ def _fit(
                 "seq_per_s": epoch_seen * world / max(time.perf_counter() - epoch_start, 1e-9),
                 "elapsed_s": round(progress.elapsed, 2),
             }
-            improved = val_loss < progress.best_val if not math.isnan(val_loss) else True
+            # Without a validation split every epoch is the best so far; a NaN loss never is.
+            improved = val_loss is None or val_loss < progress.best_val
             if improved:
-                progress.best_val, progress.best_epoch = val_loss, progress.epoch
+                progress.best_epoch = progress.epoch
+                progress.best_val = progress.best_val if val_loss is None else val_loss
             progress.history.append(record)
             save("last.pt")
-            if improved and rank == 0:
+            if improved:
                 save("best.pt")
             if rank == 0:
                 _write_metrics(run_dir, record)
                 log.info(
-                    "epoch %d/%d  train loss %.4f  val loss %.4f  %.1f seq/s%s",
+                    "epoch %d/%d  train loss %.4f  val loss %s  %.1f seq/s%s",
                     progress.epoch,
                     config.epochs,
                     record["train_loss"],
-                    val_loss,
+                    "-" if val_loss is None else f"{val_loss:.4f}",
                     record["seq_per_s"],
                     "  (best)" if improved else "",
                 )
@@ -395,10 +415,10 @@ def _split(
 
 
 @torch.no_grad()
-def validate(net, frames, windows, spec, normalisation, config, device, precision, rank, world) -> float:
-    """Mean per-pixel MSE (normalised units) on the held-out windows, summed over all ranks."""
+def validate(net, frames, windows, spec, normalisation, config, device, precision, rank, world) -> float | None:
+    """Mean per-pixel MSE (normalised units) on the held-out windows, summed over all ranks; None without any."""
     if not windows:
-        return math.nan
+        return None
     net.eval()
     mine = windows[rank::world]
     batches = [list(range(i, min(i + config.batch_size, len(mine)))) for i in range(0, len(mine), config.batch_size)]

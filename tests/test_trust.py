@@ -68,18 +68,24 @@ def test_patience_stops_early(digits_file, tmp_path, monkeypatch):
     assert summary["epochs"] == 3 and summary["best_epoch"] == 1
 
 
-def test_sigint_saves_a_checkpoint_that_resume_finishes(tmp_path):
-    data = write_h5(tmp_path / "d.h5", moving_digits(64, 6, font_glyphs(), size=32, digits=1, seed=4))
+def _interrupt_training(tmp_path, signal_number: int, once_exists: str, seed: int):
+    """Start a long training subprocess, send it a signal once ``once_exists`` is in its run directory."""
+    data = write_h5(tmp_path / "d.h5", moving_digits(64, 6, font_glyphs(), size=32, digits=1, seed=seed))
     run_dir = tmp_path / "run"
     command = [*convgru_command(), "train", data, *TRAIN, "--epochs", "100", "--out", str(run_dir)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     deadline = time.time() + 120
-    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
+    while not (run_dir / once_exists).exists() and time.time() < deadline:
         time.sleep(0.2)
-    time.sleep(0.5)  # into the second epoch
-    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # into the next epoch
+    process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
+    return data, run_dir, stderr
+
+
+def test_sigint_saves_a_checkpoint_that_resume_finishes(tmp_path):
+    data, run_dir, stderr = _interrupt_training(tmp_path, signal.SIGINT, "metrics.jsonl", seed=4)
     assert f"--resume {run_dir}" in stderr and "Traceback" not in stderr
     done = checkpoint.load(str(run_dir / "last.pt"))["progress"]
     finish = done["epoch"] + 1
@@ -94,17 +100,7 @@ def test_sigint_saves_a_checkpoint_that_resume_finishes(tmp_path):
 
 
 def test_sigterm_also_saves(tmp_path):
-    data = write_h5(tmp_path / "d.h5", moving_digits(64, 6, font_glyphs(), size=32, digits=1, seed=5))
-    run_dir = tmp_path / "run"
-    command = [*convgru_command(), "train", data, *TRAIN, "--epochs", "100", "--out", str(run_dir)]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 120
-    while not (run_dir / "config.json").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    _, run_dir, _ = _interrupt_training(tmp_path, signal.SIGTERM, "config.json", seed=5)
     assert (run_dir / "last.pt").is_file()
     assert not [name for name in os.listdir(run_dir) if name.startswith(".tmp-")]
 
@@ -195,3 +191,49 @@ def test_debug_flag_shows_the_traceback(tmp_path):
         [sys.executable, "-m", "convgru_cli", "--debug", "info", str(tmp_path / "x.pt")], capture_output=True, text=True
     )
     assert done.returncode == 1 and "Traceback" in done.stderr and "UserError" in done.stderr
+
+
+def test_resume_refuses_options_it_would_ignore(run):
+    result = runner.invoke(app, ["train", str(run / "data.h5"), "--resume", str(run / "run"), "--lr", "0.1"])
+    assert result.exit_code == 2 and "--lr cannot change" in result.stderr
+    zero = runner.invoke(app, ["train", str(run / "data.h5"), *TRAIN, "--epochs", "0"])
+    assert zero.exit_code == 2 and "--epochs must be at least 1" in zero.stderr
+
+
+def test_no_validation_split_keeps_the_last_epoch_as_best(tmp_path):
+    data = write_h5(tmp_path / "d.h5", moving_digits(8, 6, font_glyphs(), size=32, digits=1, seed=13))
+    result = runner.invoke(
+        app, ["train", data, *TRAIN, "--epochs", "2", "--val-fraction", "0", "--out", str(tmp_path / "r"), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["best_epoch"] == 2
+    records = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert [r["val_loss"] for r in records] == [None, None]
+    val = runner.invoke(app, ["evaluate", data, "--checkpoint", str(tmp_path / "r" / "best.pt"), "--split", "val"])
+    assert val.exit_code == 2 and "without a validation split" in val.stderr
+
+
+def test_one_input_frame_and_another_frame_size_still_evaluate(tmp_path):
+    data = write_h5(tmp_path / "d.h5", moving_digits(8, 4, font_glyphs(), size=32, digits=1, seed=14))
+    arguments = [
+        "train",
+        data,
+        "--input-frames",
+        "1",
+        "--output-frames",
+        "2",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert runner.invoke(app, arguments).exit_code == 0
+    bigger = write_h5(tmp_path / "big.h5", moving_digits(4, 4, font_glyphs(), size=64, digits=1, seed=15))
+    result = runner.invoke(app, ["evaluate", bigger, "--checkpoint", str(tmp_path / "r" / "best.pt"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)["scores"]) == {"model", "persistence"}
+    assert "no climatology baseline" in result.stderr
