@@ -348,7 +348,8 @@ def evaluate(
     checkpoint: CheckpointOpt = None,
     split: Annotated[str, typer.Option(help="all: every window; val: the checkpoint's validation split.")] = "all",
     thresholds: Annotated[
-        str | None, typer.Option(help="Event thresholds in data units (0.5,2,5), or with a unit: 1mm/h,35dBZ.")
+        str | None,
+        typer.Option(help="Event thresholds in data units (0.5,2,5) or with a unit (1mm/h,35dBZ); default by units."),
     ] = None,
     zr: Annotated[str, typer.Option(help="Z-R relation a,b (Z = a R^b) for thresholds in the other unit.")] = "200,1.6",
     fss_scales: Annotated[str | None, typer.Option(help="With --thresholds: FSS window sizes in pixels.")] = None,

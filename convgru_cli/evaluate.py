@@ -18,7 +18,13 @@ from convgru_cli import baselines, checkpoint, data, distributed
 from convgru_cli.errors import UserError
 from convgru_cli.files import write_atomically
 from convgru_cli.forecast import Forecaster
-from convgru_cli.metrics import MARSHALL_PALMER, Scores, mean_over_leads, thresholds_in_units
+from convgru_cli.metrics import (
+    MARSHALL_PALMER,
+    Scores,
+    default_thresholds,
+    mean_over_leads,
+    thresholds_in_units,
+)
 
 log = logging.getLogger("convgru")
 
@@ -123,7 +129,7 @@ def evaluate_file(
         methods,
         spec.output_frames,
         data_range,
-        thresholds_in_units(thresholds, frames.units, zr),
+        thresholds_in_units(thresholds or default_thresholds(frames.units, frames.dataset), frames.units, zr),
         norm.zero_one_scale,
         forecaster.device,
         fss_scales,
@@ -193,7 +199,7 @@ def evaluate_forecasts(
         methods,
         lead_times,
         data_range,
-        thresholds_in_units(thresholds, truth.units, zr),
+        thresholds_in_units(thresholds or default_thresholds(truth.units, truth.dataset), truth.units, zr),
         zero_one,
         torch.device("cpu"),
         fss_scales,

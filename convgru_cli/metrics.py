@@ -22,6 +22,17 @@ CATEGORICAL = ("csi", "pod", "far", "hss", "ets", "bias")
 
 
 MARSHALL_PALMER = (200.0, 1.6)  # Z = a R^b, Z in mm^6/m^3, R in mm/h
+# The field's event thresholds when none are given: HKO-7 rain rates, reflectivity, SEVIR's VIL levels (0-255).
+DEFAULT_THRESHOLDS = {"mm/h": (0.5, 2, 5, 10, 30), "dbz": (20, 30, 40), "vil": (16, 74, 133, 160, 181, 219)}
+
+
+def default_thresholds(units: str, dataset: str) -> tuple[float, ...]:
+    """Thresholds by the data's units, or SEVIR's for a dataset named ``vil``; none for other data."""
+    if dataset.rsplit("/", 1)[-1].lower() == "vil":
+        return DEFAULT_THRESHOLDS["vil"]
+    return DEFAULT_THRESHOLDS.get(units.strip().lower(), ())
+
+
 UNIT_SUFFIXES = {"mm/h": "mm/h", "dbz": "dBZ"}
 
 

@@ -124,3 +124,12 @@ def test_thresholds_in_the_other_unit_use_the_zr_relation():
         thresholds_in_units(("1mm/h",), "K")
     with pytest.raises(UserError, match="expected a number"):
         thresholds_in_units(("heavy",), "mm/h")
+
+
+def test_default_thresholds_follow_units_and_sevir():
+    from convgru_cli.metrics import default_thresholds
+
+    assert default_thresholds("mm/h", "frames") == (0.5, 2, 5, 10, 30)
+    assert default_thresholds("dBZ", "frames") == (20, 30, 40)
+    assert default_thresholds("", "data/vil") == (16, 74, 133, 160, 181, 219)
+    assert default_thresholds("", "frames") == ()
