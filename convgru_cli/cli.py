@@ -22,6 +22,7 @@ from rich.table import Table
 
 from convgru_cli import __version__
 from convgru_cli.errors import UserError
+from convgru_cli.files import refuse_existing
 
 app = typer.Typer(
     help="Spatiotemporal forecasting with encoder-forecaster ConvGRU stacks.",
@@ -123,19 +124,8 @@ PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 where fast), fp32, b
 
 # Options that say how to run, not what to train: never read from or saved to a config file.
 NOT_IN_CONFIG = {"config", "out", "resume", "force", "as_json"}
-# What a resumed run may be given on the command line; everything else comes from its checkpoint.
-RESUME_OPTIONS = {
-    "data",
-    "resume",
-    "epochs",
-    "max_time",
-    "workers",
-    "patience",
-    "device",
-    "cache",
-    "threads",
-    "as_json",
-}
+# Besides what train.resume accepts, what a resumed run may be given; everything else comes from its checkpoint.
+RESUME_ALSO = {"data", "resume", "threads", "as_json"}
 
 
 def _merge_config(ctx: typer.Context, path: str | None) -> dict:
@@ -239,7 +229,7 @@ def train(
     show_progress = not settings.get("quiet")
     if resume:
         given = {name for name in ctx.params if ctx.get_parameter_source(name).name == "COMMANDLINE"}
-        fixed = given - RESUME_OPTIONS
+        fixed = given - set(training.RESUME_CHANGES) - RESUME_ALSO
         if fixed:
             options = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(fixed))
             raise UserError(f"--resume continues a run as it was saved: {options} cannot change")
@@ -378,9 +368,7 @@ def evaluate(
     scales = tuple(int(v) for v in _floats(fss_scales, "--fss-scales"))
     if scales and (not levels or min(scales) < 1):
         raise UserError("--fss-scales needs --thresholds, and window sizes of at least 1 pixel")
-    for path in (csv, plot):
-        if path and os.path.exists(path) and not force:
-            raise UserError(f"{path}: already exists; use --force to overwrite it")
+    refuse_existing([csv, plot], force)
     if forecast:
         if truth is None or data is not None:
             raise UserError("--forecast needs --truth FILE (and no DATA argument)")

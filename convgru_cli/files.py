@@ -14,14 +14,20 @@ import h5py
 from convgru_cli.errors import UserError
 
 
+def refuse_existing(paths: list[str | None], force: bool) -> None:
+    """Fail before any work is done when an output exists and --force was not given."""
+    for path in paths:
+        if path is not None and not force and os.path.exists(path):
+            raise UserError(f"{path}: already exists; use --force to overwrite it")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, force: bool = True) -> Iterator[str]:
     """A temporary path beside ``path`` to write to; on success it is flushed to disk and renamed into place.
 
     A crash or a full disk at any moment leaves the previous file (or no file) intact, and no temporary file."""
     directory = os.path.dirname(os.path.abspath(path))
-    if not force and os.path.exists(path):
-        raise UserError(f"{path}: already exists; use --force to overwrite it")
+    refuse_existing([path], force)
     if not os.path.isdir(directory):
         raise UserError(f"{path}: directory {directory} does not exist")
     try:

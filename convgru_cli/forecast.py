@@ -14,7 +14,7 @@ import torch
 from convgru_cli import __version__, checkpoint, data, distributed
 from convgru_cli.device import autocast, pick_device, pick_precision
 from convgru_cli.errors import UserError
-from convgru_cli.files import hdf5_bytes, write_atomically
+from convgru_cli.files import hdf5_bytes, refuse_existing, write_atomically
 from convgru_cli.model import EncoderForecaster, ModelConfig
 
 
@@ -115,9 +115,7 @@ def predict_file(
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     if output is None and sys.stdout.isatty():
         raise UserError("refusing to write HDF5 to a terminal: use -o FILE or redirect standard output")
-    for path in (output, png, gif):
-        if path is not None and os.path.exists(path) and not force:
-            raise UserError(f"{path}: already exists; use --force to overwrite it")
+    refuse_existing([output, png, gif], force)
     with data.open_hdf5(data_path) as file:
         forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision)
         spec = forecaster.spec

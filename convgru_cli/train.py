@@ -326,9 +326,10 @@ def _fit(
                 with autocast(device, precision):
                     prediction = net(inputs, spec.output_frames)
                 loss = weighted_loss(prediction.float(), target, weight, config.loss)
-                if not torch.isfinite(loss):
+                loss_value = loss.item()  # the one host-device sync of the step
+                if not math.isfinite(loss_value):
                     raise UserError(
-                        f"training diverged: the loss is {loss.item()} at step {progress.step + 1}; "
+                        f"training diverged: the loss is {loss_value} at step {progress.step + 1}; "
                         "lower --lr or check the data (try --log-transform or --clip for heavy-tailed values)"
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -339,10 +340,10 @@ def _fit(
                 scaler.update()
                 progress.batch += 1
                 progress.step += 1
-                epoch_loss += loss.item() * len(batch)
+                epoch_loss += loss_value * len(batch)
                 epoch_seen += len(batch)
                 rate = epoch_seen * world / (time.perf_counter() - epoch_start)
-                bar.set_postfix(loss=f"{loss.item():.4f}", seq_s=f"{rate:.1f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", seq_s=f"{rate:.1f}")
                 bar.update()
                 if out_of_time:
                     break
