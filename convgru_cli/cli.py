@@ -334,7 +334,9 @@ def predict(
 @app.command()
 @_reported
 def evaluate(
-    data: DataArg = None,
+    data: Annotated[
+        list[str] | None, typer.Argument(help="HDF5 file(s) or globs to score, scored as one set (default: stdin).")
+    ] = None,
     checkpoint: CheckpointOpt = None,
     split: Annotated[str, typer.Option(help="all: every window; val: the checkpoint's validation split.")] = "all",
     thresholds: Annotated[
@@ -370,7 +372,7 @@ def evaluate(
         raise UserError("--fss-scales needs --thresholds, and window sizes of at least 1 pixel")
     refuse_existing([csv, plot], force)
     if forecast:
-        if truth is None or data is not None:
+        if truth is None or data:
             raise UserError("--forecast needs --truth FILE (and no DATA argument)")
         report = verification.evaluate_forecasts(
             forecast, truth, truth_start, dataset, layout, levels, batch_size, scales, relation

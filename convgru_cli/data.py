@@ -7,6 +7,7 @@ with h5py slices, each DataLoader worker opening its own handle.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import math
@@ -17,6 +18,10 @@ from dataclasses import asdict, dataclass
 import h5py
 import numpy as np
 import torch
+from h5py import h5z
+
+with contextlib.suppress(ImportError):  # where installed, registers Blosc, Zstandard, LZ4, ... with h5py
+    import hdf5plugin  # noqa: F401
 
 from convgru_cli.errors import UserError
 
@@ -84,14 +89,18 @@ def text_attribute(holder: h5py.Dataset | h5py.File, name: str, default: str = "
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def pick_dataset(file: h5py.File, name: str | None) -> str:
-    """The dataset to read: the one named, or the only frame-like dataset in the file."""
+def pick_dataset(file: h5py.File, name: str | None, mask_dataset: str | None = None) -> str:
+    """The dataset to read: the one named, or the only frame-like dataset in the file (masks left aside)."""
     label = file_label(file)
     if name:
         if name not in file or not isinstance(file[name], h5py.Dataset):
             raise UserError(f"{label}: no dataset {name!r} (datasets: {', '.join(dataset_names(file)) or 'none'})")
         return name
-    candidates = [n for n in dataset_names(file) if n.rsplit("/", 1)[-1] not in NOT_FRAMES]
+    candidates = [
+        n
+        for n in dataset_names(file)
+        if n.rsplit("/", 1)[-1] not in NOT_FRAMES and n != (mask_dataset or "").strip("/")
+    ]
     if len(candidates) > 1:
         candidates = [n for n in candidates if file[n].ndim >= 3]
     if len(candidates) != 1:
@@ -126,25 +135,50 @@ def resolve_layout(shape: tuple[int, ...], layout: str | None, label: str, recor
     return LAYOUTS_BY_RANK[len(shape)]
 
 
+def unavailable_filters(dataset: h5py.Dataset) -> list[str]:
+    """The dataset's compression filters that no loaded HDF5 plugin can decode, as "name (id)"."""
+    plist = dataset.id.get_create_plist()
+    filters = [plist.get_filter(i) for i in range(plist.get_nfilters())]
+    return [
+        f"{name.decode()} ({code})" if name else str(code) for code, _, _, name in filters if not h5z.filter_avail(code)
+    ]
+
+
 class _Array:
     """A dataset held in memory when asked to, else read lazily with a handle opened once per process."""
 
-    def __init__(self, file: h5py.File, dataset: str, in_memory: bool):
+    def __init__(self, file: h5py.File, dataset: str, in_memory: bool, label: str):
         self.path = file.filename if isinstance(file.filename, str) and os.path.exists(file.filename) else None
         self.dataset = dataset
-        self.array: np.ndarray | h5py.Dataset | None = file[dataset][()] if in_memory or not self.path else None
+        self.label = label
+        self.array: np.ndarray | h5py.Dataset | None = None
+        if in_memory or not self.path:
+            self.array = self._reading(lambda: file[dataset][()], file[dataset])
         self.pid = os.getpid()
-
-    @property
-    def in_memory(self) -> bool:
-        return isinstance(self.array, np.ndarray)
 
     def __getitem__(self, index: tuple) -> np.ndarray:
         # Each DataLoader worker opens its own handle: h5py handles must not cross a fork.
         if not self.in_memory and (self.array is None or self.pid != os.getpid()):
             self.array = h5py.File(self.path, "r")[self.dataset]
             self.pid = os.getpid()
-        return self.array[index]
+        return self._reading(lambda: self.array[index], self.array)
+
+    def _reading(self, read, source: h5py.Dataset | np.ndarray) -> np.ndarray:
+        try:
+            return read()
+        except OSError as error:
+            missing = unavailable_filters(source)
+            if missing:
+                raise UserError(
+                    f"{self.label}: compressed with HDF5 filter {', '.join(missing)}, which this h5py cannot "
+                    "decode; pip install hdf5plugin (Blosc, Zstandard, LZ4, bitshuffle, ...) or re-save the file "
+                    "with gzip or lzf"
+                ) from None
+            raise UserError(f"{self.label}: cannot read ({error})") from None
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.array, np.ndarray)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "array": self.array if self.in_memory else None}
@@ -185,10 +219,7 @@ class Frames:
         self.timestep_minutes = float(source.attrs.get("timestep_minutes", file.attrs.get("timestep_minutes", 0)))
         self.dataset = dataset
         in_memory = source.nbytes <= CACHE_BYTES if cache is None else cache
-        try:
-            self._frames = _Array(file, dataset, in_memory)
-        except OSError as error:  # e.g. a compression filter this h5py cannot decode
-            raise UserError(f"{self.label}: cannot read ({error})") from None
+        self._frames = _Array(file, dataset, in_memory, self.label)
         self._mask = self._open_mask(file, source.shape, mask_dataset, in_memory)
 
     def _open_mask(self, file: h5py.File, shape: tuple, name: str | None, in_memory: bool) -> _Array | None:
@@ -201,7 +232,7 @@ class Frames:
             raise UserError(f"--mask-dataset {name}: no such dataset in {self.label.rsplit(':', 1)[0]}")
         if file[name].shape != shape:
             raise UserError(f"{name}: mask of shape {file[name].shape}, but the frames have shape {shape}")
-        return _Array(file, name, in_memory)
+        return _Array(file, name, in_memory, f"{file_label(file)}:{name}")
 
     @property
     def in_memory(self) -> bool:
@@ -274,6 +305,17 @@ class FrameSet:
         return self.parts[part].read(local, start, length)
 
 
+def expand_paths(paths: list[str]) -> list[str]:
+    """File names, with shell globs expanded here too (for configs and quoted patterns)."""
+    names: list[str] = []
+    for path in paths:
+        matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+        if not matches:
+            raise UserError(f"{path}: the pattern matches no file")
+        names += matches
+    return names
+
+
 def open_frames(
     paths: list[str],
     dataset: str | None,
@@ -283,16 +325,12 @@ def open_frames(
     mask_dataset: str | None = None,
 ) -> Frames | FrameSet:
     """One file, or several (shell globs expanded here too, for configs and quoted patterns), as frames."""
-    names: list[str] = []
-    for path in paths:
-        matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
-        if not matches:
-            raise UserError(f"{path}: the pattern matches no file")
-        names += matches
     parts = []
-    for name in names:
+    for name in expand_paths(paths):
         with open_hdf5(name) as file:
-            parts.append(Frames(file, pick_dataset(file, dataset), layout, cache, nan_policy, mask_dataset))
+            parts.append(
+                Frames(file, pick_dataset(file, dataset, mask_dataset), layout, cache, nan_policy, mask_dataset)
+            )
     return parts[0] if len(parts) == 1 else FrameSet(parts)
 
 
@@ -309,11 +347,14 @@ def windows(frames: Frames | FrameSet, length: int, stride: int) -> list[tuple[i
 
 def split_windows(frames: Frames, spec: DataSpec) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Training and validation windows that share no frame: the last sequences of a [N, ...] dataset, or
-    the last block of time of a long series, are held out."""
+    the last block of time of a long series, are held out. In a series one window's length of frames between
+    the blocks is left out too, so that the validation block does not start where training ended: weather
+    a few minutes apart is nearly the same, and adjacent blocks would flatter the validation scores."""
     every = windows(frames, spec.window, spec.stride)
     if frames.is_series:
         cut = math.floor(frames.steps * (1 - spec.val_fraction))
-        train = [w for w in every if w[1] + spec.window <= cut]
+        gap = spec.window if spec.val_fraction > 0 else 0
+        train = [w for w in every if w[1] + spec.window + gap <= cut]
         val = [w for w in every if w[1] >= cut]
     else:
         held_out = max(1, math.ceil(frames.sequences * spec.val_fraction)) if spec.val_fraction > 0 else 0

@@ -8,6 +8,7 @@ frame already beats persistence, so a model has to beat all of them to show skil
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 
@@ -75,7 +76,7 @@ def _report(source: str, frames: data.Frames, windows: int, lead_times: int, per
 
 
 def evaluate_file(
-    data_path: str | None,
+    data_paths: list[str] | None,
     checkpoint_path: str | None = None,
     dataset: str | None = None,
     layout: str | None = None,
@@ -91,13 +92,14 @@ def evaluate_file(
     for method in model, persistence, optical_flow, climatology."""
     if split not in ("all", "val"):
         raise UserError(f"--split {split}: choose all or val")
-    with data.open_hdf5(data_path) as file:
+    with contextlib.ExitStack() as files:
+        paths = data.expand_paths(data_paths) if data_paths else [None]  # None: standard input
+        opened = [files.enter_context(data.open_hdf5(path)) for path in paths]
         forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision)
-        rank, world = distributed.setup(forecaster.device)
-        spec = forecaster.spec
-        name = data.pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None))
-        frames = data.Frames(file, name, layout, None, spec.nan_policy, data.mask_in(file, spec))
-    forecaster.check_frames(frames)
+        parts = [forecaster.read_frames(file, dataset, layout) for file in opened]
+    rank, world = distributed.setup(forecaster.device)
+    spec = forecaster.spec
+    frames = parts[0] if len(parts) == 1 else data.FrameSet(parts)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     chosen = data.split_windows(frames, spec)[1] if split == "val" else data.windows(frames, spec.window, spec.stride)
@@ -134,7 +136,7 @@ def evaluate_file(
         forecaster.device,
         fss_scales,
     )
-    report = _report(data_path or "<stdin>", frames, len(chosen), spec.output_frames, per_lead, mean)
+    report = _report(", ".join(data_paths or ["<stdin>"]), frames, len(chosen), spec.output_frames, per_lead, mean)
     return {"checkpoint": forecaster.checkpoint_path, **report}
 
 

@@ -45,6 +45,15 @@ class Forecaster:
             checkpoint_path=path,
         )
 
+    def read_frames(self, file: h5py.File, dataset: str | None, layout: str | None) -> data.Frames:
+        """A file's frames as this model reads them: the dataset it was trained on and its mask, where the
+        file has them, unless ``dataset`` names another."""
+        spec = self.spec
+        name = data.pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None), spec.mask_dataset)
+        frames = data.Frames(file, name, layout, None, spec.nan_policy, data.mask_in(file, spec))
+        self.check_frames(frames)
+        return frames
+
     def check_frames(self, frames: data.Frames) -> None:
         config = self.model.config
         if frames.channels != config.channels:
@@ -118,10 +127,8 @@ def predict_file(
     refuse_existing([output, png, gif], force)
     with data.open_hdf5(data_path) as file:
         forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision)
-        spec = forecaster.spec
-        name = data.pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None))
-        source = data.Frames(file, name, layout, None, spec.nan_policy, data.mask_in(file, spec))
-    forecaster.check_frames(source)
+        source = forecaster.read_frames(file, dataset, layout)
+    spec = forecaster.spec
     first = source.steps - spec.input_frames if start is None else start
     if first < 0 or first + spec.input_frames > source.steps:
         raise UserError(
@@ -142,7 +149,7 @@ def predict_file(
         "software": f"convgru {__version__}",
         "checkpoint": os.path.abspath(forecaster.checkpoint_path),
         "input_file": data_path or "<stdin>",
-        "input_dataset": name,
+        "input_dataset": source.dataset,
         "input_frames": f"{first}..{first + spec.input_frames - 1}",
         "model_config": json.dumps(forecaster.model.config.to_dict()),
         "timestep_minutes": source.timestep_minutes,

@@ -118,6 +118,25 @@ def test_evaluate_table_on_stdout(trained):
     assert "persi" in result.stdout and "mean" in result.stdout
 
 
+def test_evaluate_several_files_scores_them_as_one_set(trained, tmp_path):
+    with h5py.File(trained / "data.h5") as file:
+        sequences = file["frames"][()]
+    write_h5(tmp_path / "part-a.h5", sequences[:10])
+    write_h5(tmp_path / "part-b.h5", sequences[10:])
+    best = str(trained / "runs" / "r" / "best.pt")
+
+    def scores(*data):
+        result = runner.invoke(app, ["evaluate", *data, "--checkpoint", best, "--json", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    whole, parts = scores(str(trained / "data.h5")), scores(str(tmp_path / "part-*.h5"))
+    assert parts["windows"] == whole["windows"] == 16 * 3  # windows of 6 in 8 frames
+    for method, values in whole["mean"].items():
+        for metric, value in values.items():
+            assert parts["mean"][method][metric] == pytest.approx(value, rel=1e-5, nan_ok=True), (method, metric)
+
+
 def test_info_json(trained):
     result = runner.invoke(app, ["info", str(trained / "runs" / "r" / "best.pt"), "--json"])
     assert result.exit_code == 0

@@ -59,6 +59,9 @@ def test_series_split_shares_no_frame(series_file):
     train_frames = {s + k for _, s in train for k in range(spec.window)}
     val_frames = {s + k for _, s in val for k in range(spec.window)}
     assert train and val and not train_frames & val_frames
+    # a gap of one window between the blocks, and nothing more is given up
+    assert min(val_frames) - max(train_frames) - 1 == spec.window
+    assert max(val_frames) == frames.steps - 1 and min(train_frames) == 0
 
 
 def test_sequence_split_holds_out_whole_sequences(digits_file):

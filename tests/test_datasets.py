@@ -1,6 +1,7 @@
 """Real-world files: every layout, masks, transforms, the balanced loss, inspect and import."""
 
 import json
+import subprocess
 
 import h5py
 import numpy as np
@@ -12,6 +13,7 @@ from convgru_cli import data, train
 from convgru_cli.cli import app
 from convgru_cli.synth import font_glyphs, moving_digits
 from tests.conftest import write_h5
+from tests.test_cli import convgru_command
 
 runner = CliRunner()
 SMALL = ["--input-frames", "3", "--output-frames", "2", "--batch-size", "2", "--epochs", "1", "--device", "cpu"]
@@ -206,3 +208,53 @@ def test_training_memory_does_not_grow_with_the_file(tmp_path):
     big = _peak_training_memory_mb(tmp_path / "big.h5", tmp_path / "run-big")
     data_mb = sizes["big"] * 20 * 64 * 64 / 2**20
     assert big - small < data_mb / 3, (small, big, data_mb)
+
+
+def _unreadable_filter_file(path) -> str:
+    """Chunks that claim a compression filter (an id from the range kept for testing, which no plugin
+    provides) that h5py cannot decode."""
+    with h5py.File(path, "w") as file:
+        dataset = file.create_dataset(
+            "frames", shape=(4, 6, 32, 32), dtype=np.uint8, chunks=(1, 6, 32, 32), compression=40000,
+            allow_unknown_filter=True,
+        )  # fmt: skip
+        for n in range(4):
+            dataset.id.write_direct_chunk((n, 0, 0, 0), DIGITS[n].tobytes(), filter_mask=0)
+    return str(path)
+
+
+def test_bad_dataset_rows(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a row that wrongly succeeded would write runs/ here
+    masked = write_h5(tmp_path / "masked.h5", DIGITS.astype(np.float32))
+    with h5py.File(masked, "a") as file:
+        file["short_mask"] = np.ones(DIGITS[:, :3].shape, dtype=bool)
+    unreadable = _unreadable_filter_file(tmp_path / "blosc.h5")
+    rows = [
+        (["train", write_h5(tmp_path / "rank.h5", DIGITS[0]), *SMALL, "--layout", "NTHW"], "layout NTHW has 4 axes"),
+        (["train", write_h5(tmp_path / "short.h5", DIGITS[:, :4]), *SMALL], "fewer than the 5 needed"),
+        (["train", masked, *SMALL, "--mask-dataset", "short_mask"], "mask of shape"),
+        (["train", str(tmp_path / "nowhere-*.h5"), *SMALL], "nowhere-*.h5"),
+        (["train", unreadable, *SMALL], "HDF5 filter 40000"),
+        (["train", unreadable, *SMALL, "--cache", "off", "--workers", "0"], "HDF5 filter 40000"),
+        (["data", "import", str(tmp_path / "none.npy"), str(tmp_path / "o.h5"), "--layout", "TNHW"], "none.npy"),
+    ]
+    for arguments, message in rows:
+        result = runner.invoke(app, arguments)
+        assert result.exit_code == 2, (arguments, result.output)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, (arguments, result.stderr)
+
+
+def test_files_compressed_with_hdf5plugin_filters_train_and_evaluate(tmp_path):
+    hdf5plugin = pytest.importorskip("hdf5plugin")
+    path = tmp_path / "zstd.h5"
+    with h5py.File(path, "w") as file:
+        file.create_dataset("frames", data=DIGITS, chunks=(1, 6, 32, 32), **hdf5plugin.Zstd())
+    # a fresh process, where only convgru itself can have loaded the plugin
+    done = subprocess.run(
+        [*convgru_command(), "train", str(path), *SMALL, "--cache", "off", "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    scored = runner.invoke(app, ["evaluate", str(path), "--checkpoint", str(tmp_path / "run" / "best.pt"), "--json"])
+    assert scored.exit_code == 0, scored.output
