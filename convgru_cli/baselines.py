@@ -26,6 +26,9 @@ def motion_field(inputs: torch.Tensor, max_speed: int = 6, window: int = 9, pair
     if pairs < 1:
         return fields.new_zeros(fields.shape[0], 2, *fields.shape[-2:])
     shifts = [(dy, dx) for dy in range(-max_speed, max_speed + 1) for dx in range(-max_speed, max_speed + 1)]
+    # Smallest displacement first: where the field is flat every shift costs the same, and the first
+    # (strictly) least cost wins, so flat regions stay still instead of taking the first shift tried.
+    shifts.sort(key=lambda shift: shift[0] ** 2 + shift[1] ** 2)
     best_cost = torch.full_like(fields[:, :1], torch.inf)  # a running minimum: one cost map in memory, not 169
     best = torch.zeros(best_cost.shape, dtype=torch.long, device=inputs.device)
     pad = max_speed

@@ -36,6 +36,13 @@ def test_motion_field_finds_a_known_shift():
     assert centre[1].median().item() == pytest.approx(3, abs=0.3)
 
 
+def test_motion_field_keeps_empty_regions_still():
+    frames = torch.zeros(1, 4, 1, 48, 48)
+    frames[:, :, :, 2:8, 2:8] = 1  # a still square in one corner, nothing else
+    motion = baselines.motion_field(frames)
+    assert motion.abs().max().item() == 0  # not the first shift tried, wherever every shift costs the same
+
+
 def test_optical_flow_beats_persistence_on_a_translating_field():
     sequence = _translating()
     inputs, truth = sequence[:, :4], sequence[:, 4:]
