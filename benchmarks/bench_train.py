@@ -4,7 +4,8 @@ In one process, alternating configurations round by round (warm-up excluded, med
   reference  the tutorial ConvGRU written here: per-gate convolutions (three over the input, three over the
              hidden state, the candidate's over r*h), every convolution run step by step, NCHW, float32;
   ours fp32  convgru_cli's model at the same architecture, float32;
-  ours auto  the same under --precision auto (bf16 autocast where the hardware is fast at it).
+  ours auto  the same under --precision auto (bf16 autocast where the hardware is fast at it);
+  recompute  ours auto with --recompute (activations recomputed in the backward pass, for memory).
 For each: sequences/s, GFLOP/s (FlopCounterMode), and the fraction of a conv roofline measured in the same
 run: the model's own convolution shapes timed alone, in the same precision and memory format.
 
@@ -162,11 +163,12 @@ def conv_roofline_seconds(model: nn.Module, x: torch.Tensor, precision: torch.dt
     return total
 
 
-def peak_memory_mb(arch: str, batch: int, precision: str) -> float:
+def peak_memory_mb(arch: str, batch: int, precision: str, recompute: bool = False) -> float:
     """Peak resident memory of a fresh process that runs two training steps (the runtime included)."""
     code = (
         "import resource, torch; from benchmarks.bench_train import *; "
-        f"m = EncoderForecaster(make_config({arch!r}, 1)); o = torch.optim.AdamW(m.parameters()); "
+        f"m = EncoderForecaster(make_config({arch!r}, 1), recompute={recompute}); "
+        "o = torch.optim.AdamW(m.parameters()); "
         f"x = torch.randn({batch}, 10, 1, 64, 64); y = torch.randn({batch}, 10, 1, 64, 64); "
         f"p = pick_precision({precision!r}, torch.device('cpu')); "
         "[train_step(m, o, x, y, p) for _ in range(2)]; "
@@ -192,11 +194,14 @@ def main() -> None:
     config = make_config(args.arch, 1)
     auto = pick_precision("auto", torch.device("cpu"))
     ours = EncoderForecaster(config).to(memory_format=torch.channels_last)
+    recomputing = EncoderForecaster(config, recompute=True).to(memory_format=torch.channels_last)
     reference = PlainEncoderForecaster(config)
+    auto_name = str(auto).removeprefix("torch.")
     candidates = {
         "reference fp32": (reference, torch.float32),
         "ours fp32": (ours, torch.float32),
-        f"ours auto ({str(auto).removeprefix('torch.')})": (ours, auto),
+        f"ours auto ({auto_name})": (ours, auto),
+        f"recompute ({auto_name})": (recomputing, auto),
     }
     x = torch.randn(args.batch, INPUT_FRAMES, 1, 64, 64)
     y = torch.randn(args.batch, OUTPUT_FRAMES, 1, 64, 64)
@@ -229,11 +234,11 @@ def main() -> None:
             row[f"{mode}_seq_s"] = args.batch / seconds
             row[f"{mode}_gflop_s"] = work / seconds / 1e9
             row[f"{mode}_gflop_per_seq"] = work / args.batch / 1e9
-            if not name.startswith("reference"):
+            if name.startswith("ours"):
                 row[f"{mode}_roofline_fraction"] = conv_roofline_seconds(model, x, precision, mode == "train") / seconds
         rows.append(row)
 
-    base, fp32, fast = rows
+    base, fp32, fast, recompute = rows
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
@@ -245,7 +250,9 @@ def main() -> None:
         "infer_ratio": fast["infer_seq_s"] / base["infer_seq_s"],
         "fp32_train_ratio": fp32["train_seq_s"] / base["train_seq_s"],
         "roofline_fraction": fast["train_roofline_fraction"],
+        "recompute_train_ratio": recompute["train_seq_s"] / base["train_seq_s"],
         "peak_train_mb_batch16": peak_memory_mb(args.arch, 2 if args.quick else 16, "auto"),
+        "peak_train_mb_batch16_recompute": peak_memory_mb(args.arch, 2 if args.quick else 16, "auto", True),
         "max_rss_this_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if args.json:
@@ -269,7 +276,11 @@ def main() -> None:
         f"{base['train_gflop_per_seq']:.1f} (reference)"
     )
     batch = 2 if args.quick else 16
-    print(f"peak memory, training at batch {batch} (fresh process): {result['peak_train_mb_batch16']:.0f} MB")
+    print(
+        f"peak memory, training at batch {batch} (fresh process): {result['peak_train_mb_batch16']:.0f} MB, "
+        f"{result['peak_train_mb_batch16_recompute']:.0f} MB with --recompute "
+        f"({result['recompute_train_ratio']:.2f}x the reference's training speed)"
+    )
 
 
 if __name__ == "__main__":

@@ -198,6 +198,9 @@ def train(
     max_time: Annotated[float | None, typer.Option(help="Stop cleanly after this many seconds of training.")] = None,
     patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without a better val loss.")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the model (CUDA graphs on CUDA); slow start.")] = False,
+    recompute: Annotated[
+        bool, typer.Option(help="Recompute each step's activations in the backward pass: less memory, more time.")
+    ] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: 0 in memory, else 2).")] = None,
@@ -233,7 +236,7 @@ def train(
         if fixed:
             options = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(fixed))
             raise UserError(f"--resume continues a run as it was saved: {options} cannot change")
-        changes = {k: o[k] for k in ("epochs", "max_time", "workers", "patience", "device") if k in given}
+        changes = {k: o[k] for k in ("epochs", "max_time", "workers", "patience", "device", "recompute") if k in given}
         if "cache" in given:
             changes["cache"] = _cache(o["cache"])
         summary = training.resume(o["data"], resume, show_progress, **changes)
@@ -263,6 +266,7 @@ def train(
             max_time=o["max_time"],
             patience=o["patience"],
             compile=o["compile"],
+            recompute=o["recompute"],
             balance_thresholds=_floats(o["balance_thresholds"], "--balance-thresholds"),
             balance_weights=_floats(o["balance_weights"], "--balance-weights"),
             cache=_cache(o["cache"]),

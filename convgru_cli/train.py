@@ -47,6 +47,7 @@ class TrainConfig:
     max_time: float | None = None
     patience: int | None = None
     compile: bool = False
+    recompute: bool = False
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None
@@ -156,7 +157,7 @@ def train(
     return _fit(data_path, spec, model_config, config, run_dir, None, force, show_progress, options_toml)
 
 
-RESUME_CHANGES = ("epochs", "max_time", "patience", "device", "workers", "cache")
+RESUME_CHANGES = ("epochs", "max_time", "patience", "device", "workers", "cache", "recompute")
 
 
 def resume(data_path: str | list[str], run_dir: str, show_progress: bool = True, **changes) -> dict:
@@ -215,7 +216,7 @@ def _fit(
     model_config.check_frame_size(frames.height, frames.width)
 
     torch.manual_seed(config.seed)
-    model = EncoderForecaster(model_config).to(device)
+    model = EncoderForecaster(model_config, recompute=config.recompute).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
     progress = Progress()

@@ -1,9 +1,11 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from convgru_cli.errors import UserError
-from convgru_cli.model import ARCHITECTURES, ConvRNNCell, EncoderForecaster, ModelConfig, make_config
+from convgru_cli.model import ARCHITECTURES, CELLS, ConvRNNCell, EncoderForecaster, ModelConfig, make_config
 
 
 def _gate_convs(conv, gates):
@@ -107,6 +109,32 @@ def test_bf16_autocast_close_to_fp32():
     assert low.dtype == torch.float32
     relative = (low - reference).norm() / reference.norm()
     assert relative < 1e-2
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("low_precision", [False, True])
+def test_recompute_gives_the_same_gradients_and_keeps_less(cell, low_precision):
+    torch.manual_seed(0)
+    plain = EncoderForecaster(make_config("shi-mnist", 1, cell))
+    recomputed = copy.deepcopy(plain)
+    recomputed.recompute = True
+    x, y = torch.randn(2, 4, 1, 32, 32), torch.randn(2, 3, 1, 32, 32)
+    kept = {}
+    for model in (plain, recomputed):
+        sizes = []
+
+        def keep(tensor, sizes=sizes):
+            sizes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
+                loss = (model(x, 3).float() - y).square().mean()
+        loss.backward()
+        kept[model is recomputed] = sum(sizes)
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert kept[True] < kept[False] / 2
 
 
 def test_channels_last_input_gives_the_same_forecast():
