@@ -349,6 +349,9 @@ def evaluate(
     ] = None,
     zr: Annotated[str, typer.Option(help="Z-R relation a,b (Z = a R^b) for thresholds in the other unit.")] = "200,1.6",
     fss_scales: Annotated[str | None, typer.Option(help="With --thresholds: FSS window sizes in pixels.")] = None,
+    baselines: Annotated[
+        bool, typer.Option(help="Also score persistence, optical flow and climatology (the flow takes time).")
+    ] = True,
     forecast: Annotated[str | None, typer.Option(help="Score this forecast file (any model's) instead.")] = None,
     truth: Annotated[str | None, typer.Option(help="With --forecast: the observed frames.")] = None,
     truth_start: Annotated[int | None, typer.Option(help="With --forecast: truth frame of lead 1.")] = None,
@@ -383,7 +386,7 @@ def evaluate(
         )
     else:
         report = verification.evaluate_file(
-            data, checkpoint, dataset, layout, split, levels, batch_size, device, precision, scales, relation
+            data, checkpoint, dataset, layout, split, levels, batch_size, device, precision, scales, relation, baselines
         )
     if not _main_process():
         return

@@ -87,9 +87,10 @@ def evaluate_file(
     precision: str = "auto",
     fss_scales: tuple[int, ...] = (),
     zr: tuple[float, float] = MARSHALL_PALMER,
+    with_baselines: bool = True,
 ) -> dict:
     """Scores as ``{"lead_times": [...], "scores": {method: {metric: [...]}}, "mean": {method: {metric: x}}}``
-    for method in model, persistence, optical_flow, climatology."""
+    for method in model, persistence, optical_flow, climatology (the model alone without ``with_baselines``)."""
     if split not in ("all", "val"):
         raise UserError(f"--split {split}: choose all or val")
     with contextlib.ExitStack() as files:
@@ -107,11 +108,13 @@ def evaluate_file(
         raise UserError(f"--split val: {forecaster.checkpoint_path} was trained without a validation split")
     norm = forecaster.normalisation
     climatology = norm.mean_frame.to(forecaster.device)
-    methods = ["model", "persistence"] + (["optical_flow"] if spec.input_frames >= 2 else [])
-    if climatology.shape == (frames.channels, frames.height, frames.width):
-        methods.append("climatology")
-    else:
-        log.warning("no climatology baseline: the frames are not the size the model was trained on")
+    methods = ["model"]
+    if with_baselines:
+        methods += ["persistence"] + (["optical_flow"] if spec.input_frames >= 2 else [])
+        if climatology.shape == (frames.channels, frames.height, frames.width):
+            methods.append("climatology")
+        else:
+            log.warning("no climatology baseline: the frames are not the size the model was trained on")
 
     def batches() -> Iterator[Batch]:
         mine = chosen[rank::world]  # under torchrun each process scores a share

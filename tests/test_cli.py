@@ -118,6 +118,17 @@ def test_evaluate_table_on_stdout(trained):
     assert "persi" in result.stdout and "mean" in result.stdout
 
 
+def test_evaluate_without_baselines_scores_the_model_alone(trained):
+    best = str(trained / "runs" / "r" / "best.pt")
+    result = runner.invoke(app, ["evaluate", str(trained / "data.h5"), "--checkpoint", best, "--no-baselines"])
+    assert result.exit_code == 0, result.output
+    assert "model" in result.stdout and "persistence" not in result.stdout
+    result = runner.invoke(
+        app, ["evaluate", str(trained / "data.h5"), "--checkpoint", best, "--no-baselines", "--json"]
+    )
+    assert list(json.loads(result.stdout)["scores"]) == ["model"]
+
+
 def test_evaluate_several_files_scores_them_as_one_set(trained, tmp_path):
     with h5py.File(trained / "data.h5") as file:
         sequences = file["frames"][()]
