@@ -186,7 +186,7 @@ def train(
     arch: Annotated[str, typer.Option(help="Architecture: fast, shi-mnist or hko7.")] = "fast",
     cell: Annotated[str, typer.Option(help="convgru, convgru-textbook or convlstm.")] = "convgru",
     epochs: Annotated[int | None, typer.Option(help="Passes over the training windows [default: 10].")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step (per process under torchrun).")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step (per process under torchrun).")] = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = 2e-3,
     loss: Annotated[str, typer.Option(help="mse, mae, mse+mae or balanced (Shi 2017, for rain).")] = "mse+mae",
     balance_thresholds: Annotated[str, typer.Option(help="--loss balanced: data-unit levels.")] = "2,5,10,30",

@@ -34,7 +34,7 @@ LOSSES = ("mse", "mae", "mse+mae", "balanced")
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50
