@@ -236,9 +236,7 @@ def train(
         if fixed:
             options = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(fixed))
             raise UserError(f"--resume continues a run as it was saved: {options} cannot change")
-        changes = {k: o[k] for k in ("epochs", "max_time", "workers", "patience", "device", "recompute") if k in given}
-        if "cache" in given:
-            changes["cache"] = _cache(o["cache"])
+        changes = {k: _cache(o[k]) if k == "cache" else o[k] for k in training.RESUME_CHANGES if k in given}
         summary = training.resume(o["data"], resume, show_progress, **changes)
     else:
         clip_bounds = _floats(o["clip"], "--clip")

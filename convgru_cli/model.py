@@ -210,7 +210,7 @@ class EncoderForecaster(nn.Module):
         super().__init__()
         self.config = config
         # Keep only each step's inputs for the backward pass and recompute the rest: the unrolled activations
-        # dominate training memory (7 GB at batch 16 for shi-mnist), for about a third more time.
+        # dominate training memory (shi-mnist at batch 16: 6.9 GB, 4.7 GB recomputing, at 0.86x the speed).
         self.recompute = recompute
         c = config
         levels = len(c.hidden)
