@@ -5,11 +5,13 @@ In one process, alternating configurations round by round (warm-up excluded, med
              hidden state, the candidate's over r*h), every convolution run step by step, NCHW, float32;
   ours fp32  convgru_cli's model at the same architecture, float32;
   ours auto  the same under --precision auto (bf16 autocast where the hardware is fast at it);
-  recompute  ours auto with --recompute (activations recomputed in the backward pass, for memory).
+  recompute  ours auto with --recompute (activations recomputed in the backward pass, for memory);
+  compiled   with --compile: ours auto under torch.compile; its compile time is the first call's time less
+             the median call's, for training and for inference (two graphs).
 For each: sequences/s, GFLOP/s (FlopCounterMode), and the fraction of a conv roofline measured in the same
 run: the model's own convolution shapes timed alone, in the same precision and memory format.
 
-    python benchmarks/bench_train.py [--arch shi-mnist] [--batch 8] [--rounds 3] [--quick] [--json]
+    python benchmarks/bench_train.py [--arch shi-mnist] [--batch 8] [--rounds 3] [--compile] [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -163,16 +164,23 @@ def conv_roofline_seconds(model: nn.Module, x: torch.Tensor, precision: torch.dt
     return total
 
 
+PEAK_RSS_KB = (
+    # The kernel's high-water mark of this process's own memory. ru_maxrss would not do: a child process
+    # inherits the parent's peak at fork (measured: a child of a 2.3 GB parent reports 2.3 GB).
+    "import re, resource, os; print(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1) "
+    "if os.path.exists('/proc/self/status') else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+)
+
+
 def peak_memory_mb(arch: str, batch: int, precision: str, recompute: bool = False) -> float:
     """Peak resident memory of a fresh process that runs two training steps (the runtime included)."""
     code = (
-        "import resource, torch; from benchmarks.bench_train import *; "
+        "import torch; from benchmarks.bench_train import *; "
         f"m = EncoderForecaster(make_config({arch!r}, 1), recompute={recompute}); "
         "o = torch.optim.AdamW(m.parameters()); "
         f"x = torch.randn({batch}, 10, 1, 64, 64); y = torch.randn({batch}, 10, 1, 64, 64); "
         f"p = pick_precision({precision!r}, torch.device('cpu')); "
-        "[train_step(m, o, x, y, p) for _ in range(2)]; "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "[train_step(m, o, x, y, p) for _ in range(2)]\n" + PEAK_RSS_KB
     )
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
@@ -184,6 +192,7 @@ def main() -> None:
     parser.add_argument("--arch", default="shi-mnist")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="add ours auto under torch.compile (slow start)")
     parser.add_argument("--quick", action="store_true", help="one small round (smoke check, under a minute)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
@@ -197,12 +206,17 @@ def main() -> None:
     recomputing = EncoderForecaster(config, recompute=True).to(memory_format=torch.channels_last)
     reference = PlainEncoderForecaster(config)
     auto_name = str(auto).removeprefix("torch.")
+    ours_auto = f"ours auto ({auto_name})"
     candidates = {
         "reference fp32": (reference, torch.float32),
         "ours fp32": (ours, torch.float32),
-        f"ours auto ({auto_name})": (ours, auto),
+        ours_auto: (ours, auto),
         f"recompute ({auto_name})": (recomputing, auto),
     }
+    if args.compile:
+        compiled = EncoderForecaster(config).to(memory_format=torch.channels_last)
+        compiled.load_state_dict(ours.state_dict())
+        candidates[f"compiled ({auto_name})"] = (torch.compile(compiled), auto)
     x = torch.randn(args.batch, INPUT_FRAMES, 1, 64, 64)
     y = torch.randn(args.batch, OUTPUT_FRAMES, 1, 64, 64)
     optimizers = {name: torch.optim.AdamW(model.parameters(), 1e-4) for name, (model, _) in candidates.items()}
@@ -215,9 +229,12 @@ def main() -> None:
         infer_step(candidates[name][0], x, candidates[name][1])
 
     times = {(name, mode): [] for name in candidates for mode in ("train", "infer")}
-    for name in candidates:  # warm-up
-        train_once(name)
-        infer_once(name)
+    first_call = {}
+    for name in candidates:  # warm-up, and for the compiled model its compilation
+        for mode, fn in (("train", train_once), ("infer", infer_once)):
+            start = time.perf_counter()
+            fn(name)
+            first_call[(name, mode)] = time.perf_counter() - start
     for _ in range(args.rounds):
         for name in candidates:
             for mode, fn in (("train", train_once), ("infer", infer_once)):
@@ -226,19 +243,24 @@ def main() -> None:
                 times[(name, mode)].append(time.perf_counter() - start)
 
     rows = []
-    for name, (model, precision) in candidates.items():
+    for name, (_, precision) in candidates.items():
         row = {"config": name}
+        # The compiled model does the work of the eager one; count and roofline that.
+        counted = ours_auto if name.startswith("compiled") else name
         for mode, fn in (("train", train_once), ("infer", infer_once)):
             seconds = statistics.median(times[(name, mode)])
-            work = flops(lambda fn=fn, name=name: fn(name))
+            work = flops(lambda fn=fn, counted=counted: fn(counted))
             row[f"{mode}_seq_s"] = args.batch / seconds
             row[f"{mode}_gflop_s"] = work / seconds / 1e9
             row[f"{mode}_gflop_per_seq"] = work / args.batch / 1e9
-            if name.startswith("ours"):
-                row[f"{mode}_roofline_fraction"] = conv_roofline_seconds(model, x, precision, mode == "train") / seconds
+            if counted.startswith("ours"):
+                roofline = conv_roofline_seconds(candidates[counted][0], x, precision, mode == "train")
+                row[f"{mode}_roofline_fraction"] = roofline / seconds
+            if name.startswith("compiled"):
+                row[f"{mode}_compile_seconds"] = first_call[(name, mode)] - seconds
         rows.append(row)
 
-    base, fp32, fast, recompute = rows
+    base, fp32, fast, recompute, *compiled_rows = rows
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
@@ -253,8 +275,11 @@ def main() -> None:
         "recompute_train_ratio": recompute["train_seq_s"] / base["train_seq_s"],
         "peak_train_mb_batch16": peak_memory_mb(args.arch, 2 if args.quick else 16, "auto"),
         "peak_train_mb_batch16_recompute": peak_memory_mb(args.arch, 2 if args.quick else 16, "auto", True),
-        "max_rss_this_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    for row in compiled_rows:
+        result["compiled_train_ratio"] = row["train_seq_s"] / base["train_seq_s"]
+        result["compiled_infer_ratio"] = row["infer_seq_s"] / base["infer_seq_s"]
+        result["compile_seconds"] = {mode: row[f"{mode}_compile_seconds"] for mode in ("train", "infer")}
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -281,6 +306,13 @@ def main() -> None:
         f"{result['peak_train_mb_batch16_recompute']:.0f} MB with --recompute "
         f"({result['recompute_train_ratio']:.2f}x the reference's training speed)"
     )
+    if compiled_rows:
+        print(
+            f"torch.compile: training {result['compiled_train_ratio']:.2f}x, inference "
+            f"{result['compiled_infer_ratio']:.2f}x the reference; compile time "
+            f"{result['compile_seconds']['train']:.0f} s (training graph), {result['compile_seconds']['infer']:.0f} s "
+            "(inference graph)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -93,6 +94,22 @@ def test_bf16_training_reaches_the_fp32_loss(digits_file, tmp_path):
     fp32 = _run(digits_file, tmp_path / "fp32", epochs=3)
     bf16 = _run(digits_file, tmp_path / "bf16", epochs=3, precision="bf16")
     assert bf16["best_val_loss"] == pytest.approx(fp32["best_val_loss"], rel=0.1)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_training_matches_eager(digits_file, tmp_path):
+    from torch._dynamo.utils import counters
+
+    eager = _run(digits_file, tmp_path / "eager", epochs=1)
+    counters.clear()
+    compiled = _run(digits_file, tmp_path / "compiled", epochs=1, compile=True)
+    assert counters["stats"]["unique_graphs"] >= 2  # training and validation graphs: it did compile
+    assert compiled["best_val_loss"] == pytest.approx(eager["best_val_loss"], rel=1e-3)
+    a = checkpoint.load(eager["last_checkpoint"])["model"]
+    b = checkpoint.load(compiled["last_checkpoint"])["model"]
+    assert a.keys() == b.keys()  # saved from the module itself, loadable without compiling
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3)
 
 
 def test_truncated_checkpoint_never_loads_silently(digits_file, tmp_path):
