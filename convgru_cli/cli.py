@@ -197,7 +197,9 @@ def train(
     seed: int = 0,
     max_time: Annotated[float | None, typer.Option(help="Stop cleanly after this many seconds of training.")] = None,
     patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without a better val loss.")] = None,
-    compile: Annotated[bool, typer.Option(help="torch.compile the model (CUDA graphs on CUDA); slow start.")] = False,
+    compile: Annotated[
+        bool, typer.Option(help="torch.compile the model (CUDA graphs on CUDA); minutes to start, pays on long runs.")
+    ] = False,
     recompute: Annotated[
         bool, typer.Option(help="Recompute each step's activations in the backward pass: less memory, more time.")
     ] = False,
