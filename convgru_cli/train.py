@@ -392,6 +392,9 @@ def _fit(
         progress.elapsed = time.perf_counter() - started
         save("last.pt")
         raise Interrupted(run_dir) from None
+    except torch._dynamo.exc.BackendCompilerFailed as error:  # at the first compiled step: no C++ compiler, say
+        cause = next(line for line in str(error).splitlines() if line.strip())
+        raise UserError(f"--compile: torch.compile failed ({cause}); train without --compile") from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     if world > 1:

@@ -112,6 +112,18 @@ def test_compiled_training_matches_eager(digits_file, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3)
 
 
+def test_failed_compilation_is_one_clear_error(digits_file, tmp_path, monkeypatch):
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-such-compiler")))
+    with pytest.raises(UserError, match=r"^--compile: torch.compile failed \(.*C\+\+ compiler.*\); train without"):
+        _run(digits_file, tmp_path / "run", epochs=1, compile=True)
+    torch._dynamo.reset()
+
+
 def test_truncated_checkpoint_never_loads_silently(digits_file, tmp_path):
     summary = _run(digits_file, tmp_path / "run", epochs=1)
     whole = open(summary["last_checkpoint"], "rb").read()
