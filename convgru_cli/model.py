@@ -154,26 +154,29 @@ class ConvRNNCell(nn.Module):
         if self.cell == "convlstm":
             return self._lstm_step(x_gates, state)
         h = state
+        split = [2 * self.hidden, self.hidden]
         if self.cell == "convgru":
-            h_gates = self.hidden_conv(h).float()
-            gates = h_gates if x_gates is None else x_gates + h_gates
-            r, u, _ = gates.chunk(3, dim=1)
-            r, u = torch.sigmoid(r), torch.sigmoid(u)
-            h_new = h_gates[:, 2 * self.hidden :]
-            x_new = 0.0 if x_gates is None else x_gates[:, 2 * self.hidden :]
-            candidate = _activation(self.activation, x_new + r * h_new)
+            # Split rather than sliced, addcmul and lerp rather than separate products: fewer full-size
+            # temporaries, and the backward pass joins the gate gradients with one concatenation instead of
+            # adding up zero-filled slices.
+            h_ru, h_new = self.hidden_conv(h).float().split(split, dim=1)
+            if x_gates is None:
+                r, u = torch.sigmoid(h_ru).chunk(2, dim=1)
+                candidate = r * h_new
+            else:
+                x_ru, x_new = x_gates.split(split, dim=1)
+                r, u = torch.sigmoid(h_ru + x_ru).chunk(2, dim=1)
+                candidate = torch.addcmul(x_new, r, h_new)
         else:
-            weight, bias = self.hidden_conv.weight, self.hidden_conv.bias
-            split = 2 * self.hidden
+            w_ru, w_new = self.hidden_conv.weight.split(split)
+            b_ru, b_new = self.hidden_conv.bias.split(split)
             pad = self.hidden_conv.padding
-            ru = F.conv2d(h, weight[:split], bias[:split], padding=pad).float()
-            if x_gates is not None:
-                ru = ru + x_gates[:, :split]
-            r, u = torch.sigmoid(ru).chunk(2, dim=1)
-            h_new = F.conv2d(r * h, weight[split:], bias[split:], padding=pad).float()
-            x_new = 0.0 if x_gates is None else x_gates[:, split:]
-            candidate = _activation(self.activation, x_new + h_new)
-        return u * h + (1 - u) * candidate
+            ru = F.conv2d(h, w_ru, b_ru, padding=pad).float()
+            x_ru, x_new = (0.0, 0.0) if x_gates is None else x_gates.split(split, dim=1)
+            r, u = torch.sigmoid(ru + x_ru).chunk(2, dim=1)
+            candidate = F.conv2d(r * h, w_new, b_new, padding=pad).float() + x_new
+        # u ⊙ h + (1 − u) ⊙ n in one operation.
+        return torch.lerp(_activation(self.activation, candidate), h, u)
 
     def _lstm_step(self, x_gates: Tensor | None, state: Tensor) -> Tensor:
         h, c = state.chunk(2, dim=1)
@@ -186,13 +189,15 @@ class ConvRNNCell(nn.Module):
         return torch.cat([h, c], dim=1)
 
 
-def _frames(sequence: Tensor) -> Tensor:
-    """[B, T, C, H, W] -> [B*T, C, H, W], channels-last: the layout oneDNN and cuDNN convolve fastest."""
-    return sequence.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+# Frames of all time steps are stacked time-major on the batch axis, [T*B, C, H, W], channels-last (the layout
+# oneDNN and cuDNN convolve fastest). Each step is then a contiguous slice, so stacking the steps and splitting
+# them again (and both in the backward pass) are plain copies and views, never a transposing copy.
+def _frames(steps: list[Tensor]) -> Tensor:
+    return torch.cat(steps).contiguous(memory_format=torch.channels_last)
 
 
-def _sequence(frames: Tensor, batch: int) -> Tensor:
-    return frames.unflatten(0, (batch, -1))
+def _steps(frames: Tensor, batch: int) -> list[Tensor]:
+    return list(frames.split(batch))
 
 
 def _zero_state(x: Tensor, batch: int, channels: int) -> Tensor:
@@ -201,7 +206,7 @@ def _zero_state(x: Tensor, batch: int, channels: int) -> Tensor:
 
 
 def _convolve_steps(conv: nn.Module, *steps: Tensor) -> Tensor:
-    return F.leaky_relu(conv(_frames(torch.stack(steps, dim=1))), 0.2)
+    return F.leaky_relu(conv(_frames(list(steps))), 0.2)
 
 
 def _gated_step(cell: ConvRNNCell, x: Tensor | None, state: Tensor) -> Tensor:
@@ -265,7 +270,7 @@ class EncoderForecaster(nn.Module):
         if self.config.patch > 1:
             y = F.pixel_shuffle(y, self.config.patch)
             y = y + self.refine(y)
-        return _sequence(y.float(), batch)
+        return y.float().unflatten(0, (-1, batch)).transpose(0, 1).contiguous()
 
     def _recomputing(self) -> bool:
         return self.recompute and torch.is_grad_enabled()
@@ -278,7 +283,7 @@ class EncoderForecaster(nn.Module):
         return _convolve_steps(conv, *outputs)
 
     def _unroll(self, cell: ConvRNNCell, x: Tensor | None, state: Tensor, steps: int) -> tuple[list[Tensor], Tensor]:
-        """Runs ``steps`` steps of ``cell`` from ``state`` on the frames ``x`` ([batch*steps, C, H, W]) or on
+        """Runs ``steps`` steps of ``cell`` from ``state`` on the frames ``x`` ([steps*batch, C, H, W]) or on
         none. Normally the input convolution runs once over all steps. Recomputing, it runs inside each step
         instead, so that only the thin input frames are kept, not the gates (three times the hidden width)."""
         batch = state.shape[0]
@@ -286,7 +291,7 @@ class EncoderForecaster(nn.Module):
         if x is None:
             inputs: list[Tensor | None] = [None] * steps
         else:
-            inputs = list(_sequence(x if recompute else cell.input_gates(x), batch).unbind(1))
+            inputs = _steps(x if recompute else cell.input_gates(x), batch)
         outputs = []
         for x_step in inputs:
             if recompute:
