@@ -1,0 +1,28 @@
+"""The speed benchmark's smoke mode: it must run and report every figure the README quotes (no timing here)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_train_quick_reports_every_figure():
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_train.py", "--quick", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    for key in ("train_ratio", "infer_ratio", "roofline_fraction", "ceiling_train_ratio", "ceiling_infer_ratio"):
+        assert result[key] > 0, key
+    assert result["peak_train_mb_batch16"] > 0 and result["peak_train_mb_batch16_recompute"] > 0
+    configs = [row["config"] for row in result["rows"]]
+    assert configs[0] == "reference fp32" and len(configs) == 4
+    for row in result["rows"]:
+        assert row["train_seq_s"] > 0 and row["infer_seq_s"] > 0
+        assert row["train_gflop_per_seq"] > row["infer_gflop_per_seq"] > 0
