@@ -11,7 +11,11 @@ In one process, alternating configurations round by round (warm-up excluded, med
 For each: sequences/s, GFLOP/s (FlopCounterMode), and the fraction of a conv roofline measured in the same
 run: the model's own convolution shapes timed alone, in the same precision and memory format.
 
-    python benchmarks/bench_train.py [--arch shi-mnist] [--batch 8] [--rounds 3] [--compile] [--quick] [--json]
+    python benchmarks/bench_train.py [--arch shi-mnist] [--batch 8] [--rounds 3] [--device cpu|cuda|mps]
+                                     [--compile] [--quick] [--json]
+
+On a GPU run it at each batch size of interest (8 to 256), with and without --compile. Peak memory is the
+resident high-water mark of a fresh process on the CPU, the caching allocator's peak of live tensors on CUDA.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from convgru_cli.device import autocast, pick_precision
+from convgru_cli.device import autocast, compile_for, pick_device, pick_precision
 from convgru_cli.model import EncoderForecaster, ModelConfig, make_config
 
 INPUT_FRAMES = OUTPUT_FRAMES = 10
@@ -110,7 +114,7 @@ class PlainEncoderForecaster(nn.Module):
 
 
 def train_step(model, optimizer, x, y, precision):
-    with autocast(torch.device("cpu"), precision):
+    with autocast(x.device, precision):
         prediction = model(x, OUTPUT_FRAMES)
     loss = F.mse_loss(prediction.float(), y)
     optimizer.zero_grad(set_to_none=True)
@@ -120,8 +124,24 @@ def train_step(model, optimizer, x, y, precision):
 
 @torch.no_grad()
 def infer_step(model, x, precision):
-    with autocast(torch.device("cpu"), precision):
+    with autocast(x.device, precision):
         model(x, OUTPUT_FRAMES)
+
+
+def seconds(fn, device: torch.device) -> float:
+    """Wall-clock time of fn, waiting for the work it queued on a GPU."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def flops(fn) -> float:
@@ -140,47 +160,48 @@ def conv_roofline_seconds(model: nn.Module, x: torch.Tensor, precision: torch.dt
         for module in model.modules()
         if isinstance(module, nn.Conv2d | nn.ConvTranspose2d)
     ]
-    with torch.no_grad(), autocast(torch.device("cpu"), precision):
+    with torch.no_grad(), autocast(x.device, precision):
         model(x, OUTPUT_FRAMES)
     for hook in hooks:
         hook.remove()
     total = 0.0
     for (module, shape, contiguous), count in calls.items():
         memory_format = torch.contiguous_format if contiguous else torch.channels_last
-        sample = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_(train)
+        sample = torch.randn(shape, device=x.device).contiguous(memory_format=memory_format).requires_grad_(train)
 
         def once(module=module, sample=sample):
-            with autocast(torch.device("cpu"), precision):
+            with autocast(x.device, precision):
                 out = module(sample)
             if train:
                 out.float().sum().backward()
 
         once()
-        start = time.perf_counter()
-        repeats = 3
-        for _ in range(repeats):
-            once()
-        total += (time.perf_counter() - start) / repeats * count
+        total += statistics.median(seconds(once, x.device) for _ in range(3)) * count
     return total
 
 
-PEAK_RSS_KB = (
-    # The kernel's high-water mark of this process's own memory. ru_maxrss would not do: a child process
-    # inherits the parent's peak at fork (measured: a child of a 2.3 GB parent reports 2.3 GB).
-    "import re, resource, os; print(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1) "
+PEAK_KB = (
+    # On CUDA the caching allocator's peak of live tensors. Elsewhere the kernel's high-water mark of this
+    # process's own memory; ru_maxrss would not do: a child process inherits the parent's peak at fork
+    # (measured: a child of a 2.3 GB parent reports 2.3 GB).
+    "import re, resource, os\n"
+    "if d.type == 'cuda': print(torch.cuda.max_memory_allocated(d) // 1024)\n"
+    "else: print(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1) "
     "if os.path.exists('/proc/self/status') else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 )
 
 
-def peak_memory_mb(arch: str, batch: int, precision: str, recompute: bool = False) -> float:
-    """Peak resident memory of a fresh process that runs two training steps (the runtime included)."""
+def peak_memory_mb(arch: str, batch: int, device: torch.device, recompute: bool = False) -> float:
+    """Peak memory of a fresh process that runs two training steps in the auto precision: resident memory,
+    the runtime included, on the CPU; allocated tensors on CUDA."""
     code = (
         "import torch; from benchmarks.bench_train import *; "
-        f"m = EncoderForecaster(make_config({arch!r}, 1), recompute={recompute}); "
+        f"d = torch.device({str(device)!r}); "
+        f"m = EncoderForecaster(make_config({arch!r}, 1), recompute={recompute}).to(d); "
         "o = torch.optim.AdamW(m.parameters()); "
-        f"x = torch.randn({batch}, 10, 1, 64, 64); y = torch.randn({batch}, 10, 1, 64, 64); "
-        f"p = pick_precision({precision!r}, torch.device('cpu')); "
-        "[train_step(m, o, x, y, p) for _ in range(2)]\n" + PEAK_RSS_KB
+        f"x = torch.randn({batch}, 10, 1, 64, 64, device=d); y = torch.randn_like(x); "
+        "p = pick_precision('auto', d); "
+        "[train_step(m, o, x, y, p) for _ in range(2)]\n" + PEAK_KB
     )
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
@@ -192,6 +213,7 @@ def main() -> None:
     parser.add_argument("--arch", default="shi-mnist")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     parser.add_argument("--compile", action="store_true", help="add ours auto under torch.compile (slow start)")
     parser.add_argument("--quick", action="store_true", help="one small round (smoke check, under a minute)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -200,11 +222,12 @@ def main() -> None:
         args.arch, args.batch, args.rounds = "fast", 2, 1
 
     torch.manual_seed(0)
+    device = pick_device(args.device)
     config = make_config(args.arch, 1)
-    auto = pick_precision("auto", torch.device("cpu"))
-    ours = EncoderForecaster(config).to(memory_format=torch.channels_last)
-    recomputing = EncoderForecaster(config, recompute=True).to(memory_format=torch.channels_last)
-    reference = PlainEncoderForecaster(config)
+    auto = pick_precision("auto", device)
+    ours = EncoderForecaster(config).to(device)
+    recomputing = EncoderForecaster(config, recompute=True).to(device)
+    reference = PlainEncoderForecaster(config).to(device)
     auto_name = str(auto).removeprefix("torch.")
     ours_auto = f"ours auto ({auto_name})"
     candidates = {
@@ -214,11 +237,11 @@ def main() -> None:
         f"recompute ({auto_name})": (recomputing, auto),
     }
     if args.compile:
-        compiled = EncoderForecaster(config).to(memory_format=torch.channels_last)
+        compiled = EncoderForecaster(config).to(device)
         compiled.load_state_dict(ours.state_dict())
-        candidates[f"compiled ({auto_name})"] = (torch.compile(compiled), auto)
-    x = torch.randn(args.batch, INPUT_FRAMES, 1, 64, 64)
-    y = torch.randn(args.batch, OUTPUT_FRAMES, 1, 64, 64)
+        candidates[f"compiled ({auto_name})"] = (compile_for(compiled, device), auto)
+    x = torch.randn(args.batch, INPUT_FRAMES, 1, 64, 64, device=device)
+    y = torch.randn(args.batch, OUTPUT_FRAMES, 1, 64, 64, device=device)
     optimizers = {name: torch.optim.AdamW(model.parameters(), 1e-4) for name, (model, _) in candidates.items()}
 
     def train_once(name):
@@ -232,15 +255,11 @@ def main() -> None:
     first_call = {}
     for name in candidates:  # warm-up, and for the compiled model its compilation
         for mode, fn in (("train", train_once), ("infer", infer_once)):
-            start = time.perf_counter()
-            fn(name)
-            first_call[(name, mode)] = time.perf_counter() - start
+            first_call[(name, mode)] = seconds(lambda fn=fn, name=name: fn(name), device)
     for _ in range(args.rounds):
         for name in candidates:
             for mode, fn in (("train", train_once), ("infer", infer_once)):
-                start = time.perf_counter()
-                fn(name)
-                times[(name, mode)].append(time.perf_counter() - start)
+                times[(name, mode)].append(seconds(lambda fn=fn, name=name: fn(name), device))
 
     rows = []
     for name, (_, precision) in candidates.items():
@@ -248,21 +267,25 @@ def main() -> None:
         # The compiled model does the work of the eager one; count and roofline that.
         counted = ours_auto if name.startswith("compiled") else name
         for mode, fn in (("train", train_once), ("infer", infer_once)):
-            seconds = statistics.median(times[(name, mode)])
+            median = statistics.median(times[(name, mode)])
             work = flops(lambda fn=fn, counted=counted: fn(counted))
-            row[f"{mode}_seq_s"] = args.batch / seconds
-            row[f"{mode}_gflop_s"] = work / seconds / 1e9
+            row[f"{mode}_seq_s"] = args.batch / median
+            row[f"{mode}_gflop_s"] = work / median / 1e9
             row[f"{mode}_gflop_per_seq"] = work / args.batch / 1e9
             if counted.startswith("ours"):
                 roofline = conv_roofline_seconds(candidates[counted][0], x, precision, mode == "train")
-                row[f"{mode}_roofline_fraction"] = roofline / seconds
+                row[f"{mode}_roofline_fraction"] = roofline / median
             if name.startswith("compiled"):
-                row[f"{mode}_compile_seconds"] = first_call[(name, mode)] - seconds
+                row[f"{mode}_compile_seconds"] = first_call[(name, mode)] - median
         rows.append(row)
 
     base, fp32, fast, recompute, *compiled_rows = rows
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(device)} ({machine})"
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": machine,
+        "device": str(device),
         "torch": torch.__version__,
         "arch": args.arch,
         "batch": args.batch,
@@ -276,8 +299,8 @@ def main() -> None:
         "ceiling_train_ratio": fast["train_seq_s"] / fast["train_roofline_fraction"] / base["train_seq_s"],
         "ceiling_infer_ratio": fast["infer_seq_s"] / fast["infer_roofline_fraction"] / base["infer_seq_s"],
         "recompute_train_ratio": recompute["train_seq_s"] / base["train_seq_s"],
-        "peak_train_mb_batch16": peak_memory_mb(args.arch, 2 if args.quick else 16, "auto"),
-        "peak_train_mb_batch16_recompute": peak_memory_mb(args.arch, 2 if args.quick else 16, "auto", True),
+        "peak_train_mb_batch16": peak_memory_mb(args.arch, 2 if args.quick else 16, device),
+        "peak_train_mb_batch16_recompute": peak_memory_mb(args.arch, 2 if args.quick else 16, device, True),
     }
     for row in compiled_rows:
         result["compiled_train_ratio"] = row["train_seq_s"] / base["train_seq_s"]
@@ -309,7 +332,8 @@ def main() -> None:
     )
     batch = 2 if args.quick else 16
     print(
-        f"peak memory, training at batch {batch} (fresh process): {result['peak_train_mb_batch16']:.0f} MB, "
+        f"peak memory, training at batch {batch} ({'allocated' if device.type == 'cuda' else 'resident'}, fresh "
+        f"process): {result['peak_train_mb_batch16']:.0f} MB, "
         f"{result['peak_train_mb_batch16_recompute']:.0f} MB with --recompute "
         f"({result['recompute_train_ratio']:.2f}x the reference's training speed)"
     )

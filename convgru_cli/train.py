@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from convgru_cli import checkpoint, data, distributed
-from convgru_cli.device import autocast, pick_device, pick_precision
+from convgru_cli.device import autocast, compile_for, pick_device, pick_precision
 from convgru_cli.errors import UserError
 from convgru_cli.model import EncoderForecaster, ModelConfig, count_parameters
 
@@ -237,8 +237,7 @@ def _fit(
                 os.remove(os.path.join(run_dir, stale))
     net = DistributedDataParallel(model) if world > 1 else model
     if config.compile:
-        # CUDA graphs replay the many small kernels of the unrolled steps without launch overhead.
-        net = torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else None)
+        net = compile_for(net, device)
 
     def save(name: str) -> None:
         if rank != 0:
