@@ -15,7 +15,8 @@ run: the model's own convolution shapes timed alone, in the same precision and m
                                      [--compile] [--quick] [--json]
 
 On a GPU run it at each batch size of interest (8 to 256), with and without --compile. Peak memory is the
-resident high-water mark of a fresh process on the CPU, the caching allocator's peak of live tensors on CUDA.
+resident high-water mark of a fresh process on the CPU (and on MPS, where it may leave out Metal's buffers),
+the caching allocator's peak of live tensors on CUDA.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -180,15 +182,18 @@ def conv_roofline_seconds(model: nn.Module, x: torch.Tensor, precision: torch.dt
     return total
 
 
-PEAK_KB = (
-    # On CUDA the caching allocator's peak of live tensors. Elsewhere the kernel's high-water mark of this
-    # process's own memory; ru_maxrss would not do: a child process inherits the parent's peak at fork
-    # (measured: a child of a 2.3 GB parent reports 2.3 GB).
-    "import re, resource, os\n"
-    "if d.type == 'cuda': print(torch.cuda.max_memory_allocated(d) // 1024)\n"
-    "else: print(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1) "
-    "if os.path.exists('/proc/self/status') else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-)
+def peak_kb(device: torch.device) -> int:
+    """This process's peak memory: on CUDA the caching allocator's peak of live tensors; elsewhere the
+    kernel's high-water mark of resident memory. ru_maxrss only where /proc is missing: a child process
+    inherits the parent's peak in it at fork (measured: a child of a 2.3 GB parent reports 2.3 GB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) // 1024
+    status = Path("/proc/self/status")
+    if status.exists():
+        return int(re.search(r"VmHWM:\s*(\d+)", status.read_text()).group(1))
+    import resource  # not on Windows
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1)
 
 
 def peak_memory_mb(arch: str, batch: int, device: torch.device, recompute: bool = False) -> float:
@@ -201,7 +206,7 @@ def peak_memory_mb(arch: str, batch: int, device: torch.device, recompute: bool 
         "o = torch.optim.AdamW(m.parameters()); "
         f"x = torch.randn({batch}, 10, 1, 64, 64, device=d); y = torch.randn_like(x); "
         "p = pick_precision('auto', d); "
-        "[train_step(m, o, x, y, p) for _ in range(2)]\n" + PEAK_KB
+        "[train_step(m, o, x, y, p) for _ in range(2)]; print(peak_kb(d))"
     )
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)

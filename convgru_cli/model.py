@@ -1,6 +1,7 @@
 """Convolutional recurrent cells and the encoder–forecaster of Shi et al. (2015, 2017).
 
-Tensors are [batch, time, channels, height, width]. Recurrent state and gate arithmetic stay in float32
+The model takes and returns [batch, time, channels, height, width]; inside, the frames of all steps share
+the batch axis, time-major ([time*batch, channels, height, width]). Recurrent state and gate arithmetic stay in float32
 even under autocast: only the convolutions run in the low precision, which keeps long unrolls stable.
 """
 
@@ -190,8 +191,9 @@ class ConvRNNCell(nn.Module):
 
 
 # Frames of all time steps are stacked time-major on the batch axis, [T*B, C, H, W], channels-last (the layout
-# oneDNN and cuDNN convolve fastest). Each step is then a contiguous slice, so stacking the steps and splitting
-# them again (and both in the backward pass) are plain copies and views, never a transposing copy.
+# oneDNN and cuDNN convolve fastest). Each step is then a contiguous slice, so splitting the steps and stacking
+# the states again for the convolution between levels (and both in the backward pass) are views and plain
+# copies; batch-major order made each a transposing copy.
 def _frames(steps: list[Tensor]) -> Tensor:
     return torch.cat(steps).contiguous(memory_format=torch.channels_last)
 
@@ -270,7 +272,7 @@ class EncoderForecaster(nn.Module):
         if self.config.patch > 1:
             y = F.pixel_shuffle(y, self.config.patch)
             y = y + self.refine(y)
-        return y.float().unflatten(0, (-1, batch)).transpose(0, 1).contiguous()
+        return y.unflatten(0, (-1, batch)).transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
 
     def _recomputing(self) -> bool:
         return self.recompute and torch.is_grad_enabled()

@@ -85,12 +85,13 @@ def test_shapes_through_the_stack(arch, size, channels, cell):
     assert out.dtype == torch.float32
 
 
+@pytest.mark.parametrize(("arch", "size"), [("shi-mnist", 16), ("fast", 32)])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_each_sequence_of_a_batch_is_forecast_on_its_own(recompute):
+def test_each_sequence_of_a_batch_is_forecast_on_its_own(arch, size, recompute):
     """Inside the model the frames of all steps share the batch axis; no sequence may see another's frames."""
     torch.manual_seed(0)
-    model = EncoderForecaster(make_config("shi-mnist", 1), recompute=recompute)
-    x = torch.randn(3, 4, 1, 16, 16)
+    model = EncoderForecaster(make_config(arch, 1), recompute=recompute)
+    x = torch.randn(3, 4, 1, size, size)
     together = model(x, 3)
     alone = torch.cat([model(x[i : i + 1], 3) for i in range(3)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
