@@ -1,12 +1,14 @@
 """Convolutional recurrent cells and the encoder–forecaster of Shi et al. (2015, 2017).
 
 The model takes and returns [batch, time, channels, height, width]; inside, the frames of all steps share
-the batch axis, time-major ([time*batch, channels, height, width]). Recurrent state and gate arithmetic stay in float32
-even under autocast: only the convolutions run in the low precision, which keeps long unrolls stable.
+the batch axis, time-major ([time*batch, channels, height, width]). Recurrent state and gate arithmetic stay
+in float32 even under autocast: only the convolutions run in the low precision, which keeps long unrolls
+stable.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -194,7 +196,7 @@ class ConvRNNCell(nn.Module):
 # oneDNN and cuDNN convolve fastest). Each step is then a contiguous slice, so splitting the steps and stacking
 # the states again for the convolution between levels (and both in the backward pass) are views and plain
 # copies; batch-major order made each a transposing copy.
-def _frames(steps: list[Tensor]) -> Tensor:
+def _frames(steps: Sequence[Tensor]) -> Tensor:
     return torch.cat(steps).contiguous(memory_format=torch.channels_last)
 
 
@@ -208,7 +210,7 @@ def _zero_state(x: Tensor, batch: int, channels: int) -> Tensor:
 
 
 def _convolve_steps(conv: nn.Module, *steps: Tensor) -> Tensor:
-    return F.leaky_relu(conv(_frames(list(steps))), 0.2)
+    return F.leaky_relu(conv(_frames(steps)), 0.2)
 
 
 def _gated_step(cell: ConvRNNCell, x: Tensor | None, state: Tensor) -> Tensor:
