@@ -20,7 +20,9 @@ def test_bench_train_quick_reports_every_figure():
     result = json.loads(done.stdout)
     for key in ("train_ratio", "infer_ratio", "roofline_fraction", "ceiling_train_ratio", "ceiling_infer_ratio"):
         assert result[key] > 0, key
-    assert result["peak_train_mb_batch16"] > 0 and result["peak_train_mb_batch16_recompute"] > 0
+    for key in ("peak_train_mb_batch16", "peak_train_mb_batch16_recompute", "peak_train_mb_batch16_recompute_low_heap"):
+        assert result[key] > 0, key
+    assert result["low_heap_step_time_ratio"] > 0
     configs = [row["config"] for row in result["rows"]]
     assert configs[0] == "reference fp32" and len(configs) == 4
     for row in result["rows"]:
