@@ -206,7 +206,7 @@ def peak_memory(arch: str, batch: int, device: torch.device, recompute: bool = F
     """Peak memory (MB) of a fresh process that runs three training steps in the auto precision, and the time
     of its last step: resident memory, the runtime included, on the CPU; allocated tensors on CUDA."""
     code = (
-        "import torch, time; from benchmarks.bench_train import *; "
+        "import torch; from benchmarks.bench_train import *; "
         f"d = torch.device({str(device)!r}); "
         f"m = EncoderForecaster(make_config({arch!r}, 1), recompute={recompute}).to(d); "
         "o = torch.optim.AdamW(m.parameters()); "

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -179,9 +180,6 @@ def test_import_numpy_moving_mnist_order(tmp_path):
 
 def _peak_training_memory_mb(path, run_dir) -> float:
     """Peak resident memory of a fresh process that trains on ``path`` for 4 s with --cache off."""
-    import subprocess
-    import sys
-
     # VmHWM, the child's own high-water mark: its ru_maxrss would start from this test process's peak.
     script = (
         "import re; from convgru_cli.cli import app; "
