@@ -153,16 +153,19 @@ class ConvRNNCell(nn.Module):
     def output(self, state: Tensor) -> Tensor:
         return state[:, : self.hidden]
 
-    def step(self, x_gates: Tensor | None, state: Tensor) -> Tensor:
+    def step(self, x_gates: Tensor | None, state: Tensor, state_is_zero: bool = False) -> Tensor:
+        """One time step. ``state_is_zero`` says the state is known to be zero (the encoder's first step): its
+        convolutions are then just their biases and are skipped, a twentieth of the hidden convolutions of a
+        10 → 10 forecast."""
         if self.cell == "convlstm":
-            return self._lstm_step(x_gates, state)
+            return self._lstm_step(x_gates, state, state_is_zero)
         h = state
         split = [2 * self.hidden, self.hidden]
         if self.cell == "convgru":
             # Split rather than sliced, addcmul and lerp rather than separate products: fewer full-size
             # temporaries, and the backward pass joins the gate gradients with one concatenation instead of
             # adding up zero-filled slices.
-            h_ru, h_new = self.hidden_conv(h).float().split(split, dim=1)
+            h_ru, h_new = self._hidden_gates(h, state_is_zero).split(split, dim=1)
             if x_gates is None:
                 r, u = torch.sigmoid(h_ru).chunk(2, dim=1)
                 candidate = r * h_new
@@ -171,6 +174,7 @@ class ConvRNNCell(nn.Module):
                 r, u = torch.sigmoid(h_ru + x_ru).chunk(2, dim=1)
                 candidate = torch.addcmul(x_new, r, h_new)
         else:
+            # The reference form: both convolutions always run, even on a zero state.
             w_ru, w_new = self.hidden_conv.weight.split(split)
             b_ru, b_new = self.hidden_conv.bias.split(split)
             pad = self.hidden_conv.padding
@@ -181,9 +185,15 @@ class ConvRNNCell(nn.Module):
         # u ⊙ h + (1 − u) ⊙ n in one operation.
         return torch.lerp(_activation(self.activation, candidate), h, u)
 
-    def _lstm_step(self, x_gates: Tensor | None, state: Tensor) -> Tensor:
+    def _hidden_gates(self, h: Tensor, state_is_zero: bool) -> Tensor:
+        """The state's contribution to the gates, in float32; of a zero state, just the bias (broadcast)."""
+        if state_is_zero:
+            return self.hidden_conv.bias.float().view(1, -1, 1, 1)
+        return self.hidden_conv(h).float()
+
+    def _lstm_step(self, x_gates: Tensor | None, state: Tensor, state_is_zero: bool) -> Tensor:
         h, c = state.chunk(2, dim=1)
-        gates = self.hidden_conv(h).float()
+        gates = self._hidden_gates(h, state_is_zero)
         if x_gates is not None:
             gates = gates + x_gates
         i, f, g, o = gates.chunk(4, dim=1)
@@ -213,8 +223,8 @@ def _convolve_steps(conv: nn.Module, *steps: Tensor) -> Tensor:
     return F.leaky_relu(conv(_frames(steps)), 0.2)
 
 
-def _gated_step(cell: ConvRNNCell, x: Tensor | None, state: Tensor) -> Tensor:
-    return cell.step(None if x is None else cell.input_gates(x), state)
+def _gated_step(cell: ConvRNNCell, x: Tensor | None, state: Tensor, state_is_zero: bool) -> Tensor:
+    return cell.step(None if x is None else cell.input_gates(x), state, state_is_zero)
 
 
 class EncoderForecaster(nn.Module):
@@ -260,7 +270,7 @@ class EncoderForecaster(nn.Module):
         states = []
         for down, cell in zip(self.down, self.encoder_cells, strict=True):
             x = self._convolve(down, outputs)
-            outputs, state = self._unroll(cell, x, _zero_state(x, batch, cell.state_channels), steps)
+            outputs, state = self._unroll(cell, x, _zero_state(x, batch, cell.state_channels), steps, zero_start=True)
             states.append(state)
         return states
 
@@ -286,10 +296,13 @@ class EncoderForecaster(nn.Module):
             return checkpoint(_convolve_steps, conv, *outputs, use_reentrant=False)
         return _convolve_steps(conv, *outputs)
 
-    def _unroll(self, cell: ConvRNNCell, x: Tensor | None, state: Tensor, steps: int) -> tuple[list[Tensor], Tensor]:
-        """Runs ``steps`` steps of ``cell`` from ``state`` on the frames ``x`` ([steps*batch, C, H, W]) or on
-        none. Normally the input convolution runs once over all steps. Recomputing, it runs inside each step
-        instead, so that only the thin input frames are kept, not the gates (three times the hidden width)."""
+    def _unroll(
+        self, cell: ConvRNNCell, x: Tensor | None, state: Tensor, steps: int, zero_start: bool = False
+    ) -> tuple[list[Tensor], Tensor]:
+        """Runs ``steps`` steps of ``cell`` from ``state`` (all zeros if ``zero_start``) on the frames ``x``
+        ([steps*batch, C, H, W]) or on none. Normally the input convolution runs once over all steps.
+        Recomputing, it runs inside each step instead, so that only the thin input frames are kept, not the gates
+        (three times the hidden width)."""
         batch = state.shape[0]
         recompute = self._recomputing()
         if x is None:
@@ -297,11 +310,12 @@ class EncoderForecaster(nn.Module):
         else:
             inputs = _steps(x if recompute else cell.input_gates(x), batch)
         outputs = []
-        for x_step in inputs:
+        for i, x_step in enumerate(inputs):
+            state_is_zero = zero_start and i == 0
             if recompute:
-                state = checkpoint(_gated_step, cell, x_step, state, use_reentrant=False)
+                state = checkpoint(_gated_step, cell, x_step, state, state_is_zero, use_reentrant=False)
             else:
-                state = cell.step(x_step, state)
+                state = cell.step(x_step, state, state_is_zero)
             outputs.append(cell.output(state))
         return outputs, state
 

@@ -72,6 +72,41 @@ def test_lstm_cell_equals_per_gate_reference():
     torch.testing.assert_close(state[:, 8:], expected_c, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", CELLS)
+def test_zero_state_shortcut_equals_convolving_zeros(kind):
+    torch.manual_seed(0)
+    cell = ConvRNNCell(3, 8, kind, input_kernel=3, hidden_kernel=5, activation="tanh")
+    x_gates, zeros = cell.input_gates(torch.randn(2, 3, 12, 10)), torch.zeros(2, cell.state_channels, 12, 10)
+    torch.testing.assert_close(cell.step(x_gates, zeros, state_is_zero=True), cell.step(x_gates, zeros))
+
+
+@pytest.mark.parametrize("cell", ["convgru", "convlstm"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_only_the_encoders_first_step_skips_its_hidden_convolution(cell, recompute, monkeypatch):
+    """Same forecast and gradients as convolving every state, with one hidden convolution fewer per level."""
+    torch.manual_seed(0)
+    model = EncoderForecaster(make_config("shi-mnist", 1, cell), recompute=recompute)
+    x, levels = torch.randn(2, 4, 1, 16, 16), len(model.encoder_cells)
+    convolved = []
+    for module in model.modules():
+        if isinstance(module, ConvRNNCell):
+            module.hidden_conv.register_forward_hook(lambda *_: convolved.append(1))
+
+    def run():
+        model.zero_grad()
+        out = model(x, 3)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    out, grads = run()
+    assert len(convolved) == levels * (4 + 3) - levels + (levels * (4 + 3) - levels if recompute else 0)
+    monkeypatch.setattr(ConvRNNCell, "_hidden_gates", lambda self, h, state_is_zero: self.hidden_conv(h).float())
+    expected_out, expected_grads = run()
+    torch.testing.assert_close(out, expected_out, atol=1e-6, rtol=1e-5)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("arch", "size", "channels"),
     [("fast", 64, 1), ("fast", 96, 2), ("fast", 256, 1), ("shi-mnist", 32, 1), ("hko7", 60, 1)],
