@@ -284,7 +284,12 @@ class EncoderForecaster(nn.Module):
         if self.config.patch > 1:
             y = F.pixel_shuffle(y, self.config.patch)
             y = y + self.refine(y)
-        return y.unflatten(0, (-1, batch)).transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+        # One copy: to float32, batch-major and contiguous (without copy=True a float32 y would come back as a view).
+        return (
+            y.unflatten(0, (-1, batch))
+            .transpose(0, 1)
+            .to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        )
 
     def _recomputing(self) -> bool:
         return self.recompute and torch.is_grad_enabled()

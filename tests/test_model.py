@@ -136,7 +136,9 @@ def test_forecast_length_is_free():
     """The forecaster takes no frames, so any horizon can be asked for, longer than trained included."""
     model = EncoderForecaster(make_config("fast", 1))
     with torch.no_grad():
-        assert model(torch.randn(2, 5, 1, 32, 32), 13).shape == (2, 13, 1, 32, 32)
+        out = model(torch.randn(2, 5, 1, 32, 32), 13)
+    assert out.shape == (2, 13, 1, 32, 32)
+    assert out.is_contiguous()
 
 
 def test_frame_size_that_does_not_fit_is_a_clear_error():
