@@ -198,8 +198,10 @@ def peak_kb(device: torch.device) -> int:
 
 
 # glibc keeps freed blocks below its mmap threshold (which grows to 32 MB) in a heap that fragments; mapping every
-# block of 4 MB or more and unmapping it on free keeps resident memory near the live tensors, at a cost in speed.
-LOW_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(4 * 1024 * 1024)}
+# block of 4 MB or more and unmapping it on free keeps resident memory near the live tensors. Mapped fresh, those
+# blocks fault in page by page; transparent huge pages (glibc >= 2.35 asks for them) make that 512 times fewer
+# faults, which takes the cost in speed from about 1.5x to about 1.1x. Unknown tunables are ignored.
+LOW_HEAP = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1"}
 
 
 def peak_memory(arch: str, batch: int, device: torch.device, recompute: bool = False, env: dict | None = None):
@@ -359,7 +361,7 @@ def main() -> None:
         f"peak memory, training at batch {memory_batch} ({'allocated' if device.type == 'cuda' else 'resident'}, "
         f"fresh process): {peak_plain:.0f} MB, {peak_recompute:.0f} MB with --recompute "
         f"({result['recompute_train_ratio']:.2f}x the reference's training speed), {peak_low_heap:.0f} MB with "
-        f"--recompute and MALLOC_MMAP_THRESHOLD_={LOW_HEAP['MALLOC_MMAP_THRESHOLD_']} (glibc; its step takes "
+        f"--recompute and GLIBC_TUNABLES={LOW_HEAP['GLIBC_TUNABLES']} (its step takes "
         f"{result['low_heap_step_time_ratio']:.2f}x the time)"
     )
     if compiled_rows:
