@@ -120,6 +120,9 @@ LayoutOpt = Annotated[str | None, typer.Option(help="Axis letters, e.g. NTHW, NT
 CheckpointOpt = Annotated[str | None, typer.Option(help="Checkpoint; default: the newest runs/*/best.pt.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 where fast), fp32, bf16 or fp16.")]
+CompileOpt = Annotated[
+    bool, typer.Option(help="torch.compile the model (CUDA graphs on CUDA); minutes to start, pays on long runs.")
+]
 
 
 # Options that say how to run, not what to train: never read from or saved to a config file.
@@ -197,9 +200,7 @@ def train(
     seed: int = 0,
     max_time: Annotated[float | None, typer.Option(help="Stop cleanly after this many seconds of training.")] = None,
     patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without a better val loss.")] = None,
-    compile: Annotated[
-        bool, typer.Option(help="torch.compile the model (CUDA graphs on CUDA); minutes to start, pays on long runs.")
-    ] = False,
+    compile: CompileOpt = False,
     recompute: Annotated[
         bool, typer.Option(help="Recompute each step's activations in the backward pass: less memory, more time.")
     ] = False,
@@ -307,6 +308,7 @@ def predict(
     force: Annotated[bool, typer.Option(help="Overwrite existing output files.")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    compile: CompileOpt = False,
     png: Annotated[str | None, typer.Option(help="Draw inputs | truth | forecast of one sequence as a PNG.")] = None,
     gif: Annotated[str | None, typer.Option(help="The same as an animated GIF, one frame per lead time.")] = None,
     picture_sequence: Annotated[int, typer.Option(help="Which sequence --png/--gif draw.")] = 0,
@@ -329,6 +331,7 @@ def predict(
         png,
         gif,
         picture_sequence,
+        compile=compile,
     )
     log.info(
         "forecast %s from %s written to %s", "x".join(map(str, result["shape"])), result["checkpoint"], result["output"]
@@ -360,6 +363,7 @@ def evaluate(
     batch_size: int = 16,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    compile: CompileOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
     csv: Annotated[str | None, typer.Option(help="Also write method,metric,lead_time,value rows here.")] = None,
     plot: Annotated[str | None, typer.Option(help="Also draw each score against lead time (PNG).")] = None,
@@ -381,12 +385,26 @@ def evaluate(
     if forecast:
         if truth is None or data:
             raise UserError("--forecast needs --truth FILE (and no DATA argument)")
+        if compile:
+            raise UserError("--compile: --forecast scores a file, there is no model to compile")
         report = verification.evaluate_forecasts(
             forecast, truth, truth_start, dataset, layout, levels, batch_size, scales, relation
         )
     else:
         report = verification.evaluate_file(
-            data, checkpoint, dataset, layout, split, levels, batch_size, device, precision, scales, relation, baselines
+            data,
+            checkpoint,
+            dataset,
+            layout,
+            split,
+            levels,
+            batch_size,
+            device,
+            precision,
+            scales,
+            relation,
+            baselines,
+            compile=compile,
         )
     if not _main_process():
         return

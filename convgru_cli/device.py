@@ -79,6 +79,13 @@ def compile_for(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
+def compile_failure(error: Exception, command: str) -> UserError:
+    """torch.compile fails at the first compiled call (no C++ compiler, say): one line, not Inductor's
+    traceback."""
+    cause = next(line for line in str(error).splitlines() if line.strip())
+    return UserError(f"--compile: torch.compile failed ({cause}); {command} without --compile")
+
+
 def set_threads(threads: int | None) -> None:
     """Use the given count; without one PyTorch's default stands (OMP_NUM_THREADS, else the physical cores)."""
     if threads is not None:

@@ -88,6 +88,7 @@ def evaluate_file(
     fss_scales: tuple[int, ...] = (),
     zr: tuple[float, float] = MARSHALL_PALMER,
     with_baselines: bool = True,
+    compile: bool = False,
 ) -> dict:
     """Scores as ``{"lead_times": [...], "scores": {method: {metric: [...]}}, "mean": {method: {metric: x}}}``
     for method in model, persistence, optical_flow, climatology (the model alone without ``with_baselines``)."""
@@ -96,7 +97,7 @@ def evaluate_file(
     with contextlib.ExitStack() as files:
         paths = data.expand_paths(data_paths) if data_paths else [None]  # None: standard input
         opened = [files.enter_context(data.open_hdf5(path)) for path in paths]
-        forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision)
+        forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision, compile)
         parts = [forecaster.read_frames(file, dataset, layout) for file in opened]
     rank, world = distributed.setup(forecaster.device)
     spec = forecaster.spec

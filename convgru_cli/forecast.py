@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from convgru_cli import __version__, checkpoint, data, distributed
-from convgru_cli.device import autocast, pick_device, pick_precision
+from convgru_cli.device import autocast, compile_failure, compile_for, pick_device, pick_precision
 from convgru_cli.errors import UserError
 from convgru_cli.files import hdf5_bytes, refuse_existing, write_atomically
 from convgru_cli.model import EncoderForecaster, ModelConfig
@@ -23,14 +23,16 @@ class Forecaster:
     """A trained model with what it needs to turn raw frames into raw-unit forecasts."""
 
     model: EncoderForecaster
+    network: torch.nn.Module  # what forecasts run through: the model, or it compiled
     normalisation: data.Normalisation
     spec: data.DataSpec
     device: torch.device
     precision: torch.dtype
     checkpoint_path: str
+    compiled_batch: int = 0  # compiled: the batch size of the first call, to which smaller batches are padded
 
     @classmethod
-    def load(cls, path: str, device: str = "auto", precision: str = "auto") -> Forecaster:
+    def load(cls, path: str, device: str = "auto", precision: str = "auto", compile: bool = False) -> Forecaster:
         torch_device = distributed.process_device(pick_device(device))
         saved = checkpoint.load(path, map_location=torch_device)
         model = EncoderForecaster(ModelConfig.from_dict(saved["model_config"]))
@@ -38,6 +40,7 @@ class Forecaster:
         model.to(torch_device).eval()
         return cls(
             model=model,
+            network=compile_for(model, torch_device) if compile else model,
             normalisation=data.Normalisation(**saved["normalisation"]),
             spec=data.DataSpec(**saved["data_spec"]),
             device=torch_device,
@@ -68,8 +71,19 @@ class Forecaster:
         """Raw input frames [B, T, C, H, W] (tensor or array) -> forecast [B, frames, C, H, W], float32 in data
         units."""
         normalised, _ = self.normalisation.normalise(torch.as_tensor(inputs).to(self.device))
+        batch = len(normalised)
+        if self.network is not self.model:
+            # A file's last batch is usually smaller: padded to the first batch's size, it runs through the
+            # graph already compiled instead of compiling a second one (a minute or more on a CPU).
+            self.compiled_batch = self.compiled_batch or batch
+            if batch < self.compiled_batch:
+                padding = normalised[-1:].expand(self.compiled_batch - batch, *normalised.shape[1:])
+                normalised = torch.cat([normalised, padding])
         with autocast(self.device, self.precision):
-            prediction = self.model(normalised, frames)
+            try:
+                prediction = self.network(normalised, frames)[:batch]
+            except torch._dynamo.exc.BackendCompilerFailed as error:  # at the first compiled call
+                raise compile_failure(error, "run") from None
         return self.normalisation.denormalise(prediction.float())
 
 
@@ -113,6 +127,7 @@ def predict_file(
     png: str | None = None,
     gif: str | None = None,
     picture_sequence: int = 0,
+    compile: bool = False,
 ) -> dict:
     """Forecast ``frames`` steps after the last input window of every sequence (or the window at ``start``).
 
@@ -126,7 +141,7 @@ def predict_file(
         raise UserError("refusing to write HDF5 to a terminal: use -o FILE or redirect standard output")
     refuse_existing([output, png, gif], force)
     with data.open_hdf5(data_path) as file:
-        forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision)
+        forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision, compile)
         source = forecaster.read_frames(file, dataset, layout)
     spec = forecaster.spec
     first = source.steps - spec.input_frames if start is None else start

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from convgru_cli import checkpoint, data, distributed
-from convgru_cli.device import autocast, compile_for, pick_device, pick_precision
+from convgru_cli.device import autocast, compile_failure, compile_for, pick_device, pick_precision
 from convgru_cli.errors import UserError
 from convgru_cli.model import EncoderForecaster, ModelConfig, count_parameters
 
@@ -392,8 +392,7 @@ def _fit(
         save("last.pt")
         raise Interrupted(run_dir) from None
     except torch._dynamo.exc.BackendCompilerFailed as error:  # at the first compiled step: no C++ compiler, say
-        cause = next(line for line in str(error).splitlines() if line.strip())
-        raise UserError(f"--compile: torch.compile failed ({cause}); train without --compile") from None
+        raise compile_failure(error, "train") from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     if world > 1:

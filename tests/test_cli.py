@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -261,3 +262,48 @@ def test_predict_refuses_to_write_to_a_terminal(trained):
     done = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "refusing to write HDF5 to a terminal" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_predict_and_evaluate_match_eager(trained, tmp_path):
+    from torch._dynamo.utils import counters
+
+    # 16 sequences in batches of 6: the last batch is smaller, and is padded rather than compiled again.
+    best = ["--checkpoint", str(trained / "runs" / "r" / "best.pt"), "--device", "cpu", "--batch-size", "6"]
+    forecasts, scores = {}, {}
+    for flags in ([], ["--compile"]):
+        counters.clear()
+        out = tmp_path / f"forecast{len(flags)}.h5"
+        result = runner.invoke(
+            app, ["predict", str(trained / "data.h5"), "--frames", "4", "-o", str(out), *best, *flags]
+        )
+        assert result.exit_code == 0, result.output
+        with h5py.File(out) as file:
+            forecasts[len(flags)] = file["forecast"][()]
+        result = runner.invoke(app, ["evaluate", str(trained / "data.h5"), "--no-baselines", "--json", *best, *flags])
+        assert result.exit_code == 0, result.output
+        scores[len(flags)] = json.loads(result.stdout)["mean"]["model"]["mse"]
+        assert counters["stats"]["unique_graphs"] == (2 if flags else 0)  # once for predict, once for evaluate
+    np.testing.assert_allclose(forecasts[1], forecasts[0], rtol=2e-2, atol=2e-2 * np.abs(forecasts[0]).max())
+    assert scores[1] == pytest.approx(scores[0], rel=1e-2)
+
+
+def test_compile_with_a_forecast_file_is_a_usage_error(trained):
+    data = str(trained / "data.h5")
+    result = runner.invoke(app, ["evaluate", "--forecast", data, "--truth", data, "--compile"])
+    assert result.exit_code == 2
+    assert "--compile: --forecast scores a file" in result.stderr
+
+
+def test_failed_compilation_in_predict_is_one_clear_error(trained, tmp_path):
+    """In a subprocess with no C++ compiler: Inductor caches what it found, which would outlive a monkeypatch."""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    best = str(trained / "runs" / "r" / "best.pt")
+    out = tmp_path / "forecast.h5"
+    command = ["predict", str(trained / "data.h5"), "-o", str(out), "--checkpoint", best, "--compile"]
+    done = subprocess.run(convgru_command() + command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert re.fullmatch(
+        r"convgru: error: --compile: torch\.compile failed \(.+\); run without --compile\n", done.stderr
+    )
+    assert not out.exists()
