@@ -304,7 +304,11 @@ def main() -> None:
     memory_batch = 2 if args.quick else 16
     peak_plain, _ = peak_memory(args.arch, memory_batch, device)
     peak_recompute, recompute_step = peak_memory(args.arch, memory_batch, device, recompute=True)
-    peak_low_heap, low_heap_step = peak_memory(args.arch, memory_batch, device, recompute=True, env=LOW_HEAP)
+    # glibc's tunables shape resident memory on a Linux CPU only; a GPU's peak is its caching allocator's.
+    low_heap = None, None
+    if device.type == "cpu" and sys.platform == "linux":
+        low_heap = peak_memory(args.arch, memory_batch, device, recompute=True, env=LOW_HEAP)
+    peak_low_heap, low_heap_step = low_heap
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     if device.type == "cuda":
         machine = f"{torch.cuda.get_device_name(device)} ({machine})"
@@ -327,7 +331,7 @@ def main() -> None:
         "peak_train_mb_batch16": peak_plain,
         "peak_train_mb_batch16_recompute": peak_recompute,
         "peak_train_mb_batch16_recompute_low_heap": peak_low_heap,
-        "low_heap_step_time_ratio": low_heap_step / recompute_step,
+        "low_heap_step_time_ratio": None if low_heap_step is None else low_heap_step / recompute_step,
     }
     for row in compiled_rows:
         result["compiled_train_ratio"] = row["train_seq_s"] / base["train_seq_s"]
@@ -340,7 +344,8 @@ def main() -> None:
     header = f"{'config':<22}{'train seq/s':>12}{'GFLOP/s':>9}{'roofline':>9}{'infer seq/s':>13}{'GFLOP/s':>9}"
     print(header + f"{'roofline':>9}")
     for row in rows:
-        roof = [f"{row.get(f'{m}_roofline_fraction', float('nan')):>9.0%}" for m in ("train", "infer")]
+        fractions = [row.get(f"{mode}_roofline_fraction") for mode in ("train", "infer")]
+        roof = [" " * 9 if fraction is None else f"{fraction:>9.0%}" for fraction in fractions]
         print(
             f"{row['config']:<22}{row['train_seq_s']:>12.2f}{row['train_gflop_s']:>9.0f}{roof[0]}"
             f"{row['infer_seq_s']:>13.2f}{row['infer_gflop_s']:>9.0f}{roof[1]}"
@@ -360,10 +365,13 @@ def main() -> None:
     print(
         f"peak memory, training at batch {memory_batch} ({'allocated' if device.type == 'cuda' else 'resident'}, "
         f"fresh process): {peak_plain:.0f} MB, {peak_recompute:.0f} MB with --recompute "
-        f"({result['recompute_train_ratio']:.2f}x the reference's training speed), {peak_low_heap:.0f} MB with "
-        f"--recompute and GLIBC_TUNABLES={LOW_HEAP['GLIBC_TUNABLES']} (its step takes "
-        f"{result['low_heap_step_time_ratio']:.2f}x the time)"
+        f"({result['recompute_train_ratio']:.2f}x the reference's training speed)"
     )
+    if peak_low_heap is not None:
+        print(
+            f"  {peak_low_heap:.0f} MB with --recompute and GLIBC_TUNABLES={LOW_HEAP['GLIBC_TUNABLES']} (its step "
+            f"takes {result['low_heap_step_time_ratio']:.2f}x the time)"
+        )
     if compiled_rows:
         print(
             f"torch.compile: training {result['compiled_train_ratio']:.2f}x, inference "
