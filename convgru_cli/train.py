@@ -65,6 +65,8 @@ class TrainConfig:
             raise UserError("--balance-weights needs one weight more than --balance-thresholds")
         if list(self.balance_thresholds) != sorted(self.balance_thresholds):
             raise UserError("--balance-thresholds must be in increasing order")
+        if self.max_time is not None and self.max_time <= 0:
+            raise UserError(f"--max-time {self.max_time:g}: must be positive")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers {self.workers}: must be 0 or more")
 
@@ -232,7 +234,7 @@ def _fit(
             os.makedirs(run_dir, exist_ok=True)
         except OSError as error:
             raise UserError(f"--out {run_dir}: cannot create the run directory ({error.strerror})") from None
-        for stale in ("metrics.jsonl", "best.pt"):  # a --force restart must not mix with the old run's records
+        for stale in ("metrics.jsonl", "best.pt", "last.pt", "config.toml"):  # a --force restart starts clean
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(run_dir, stale))
     net = DistributedDataParallel(model) if world > 1 else model
@@ -349,12 +351,14 @@ def _fit(
                     break
             bar.close()
             progress.elapsed = time.perf_counter() - started
-            # The epoch counts as done only after validation: a Ctrl-C during it resumes into validation.
+            # The epoch counts as done only after validation (a Ctrl-C during it resumes into validation) and
+            # only when all its batches ran: one cut short by --max-time goes on from there when resumed.
             val_loss = validate(net, frames, val_windows, spec, normalisation, config, device, precision, rank, world)
-            progress.epoch += 1
-            progress.batch = 0
+            epoch = progress.epoch + 1
+            if progress.batch == len(batches):
+                progress.epoch, progress.batch = epoch, 0
             record = {
-                "epoch": progress.epoch,
+                "epoch": epoch,
                 "step": progress.step,
                 "train_loss": epoch_loss / max(epoch_seen, 1),
                 "val_loss": val_loss,
@@ -364,7 +368,7 @@ def _fit(
             # Without a validation split every epoch is the best so far; a NaN loss never is.
             improved = val_loss is None or val_loss < progress.best_val
             if improved:
-                progress.best_epoch = progress.epoch
+                progress.best_epoch = epoch
                 progress.best_val = progress.best_val if val_loss is None else val_loss
             progress.history.append(record)
             save("last.pt")
@@ -374,7 +378,7 @@ def _fit(
                 _write_metrics(run_dir, record)
                 log.info(
                     "epoch %d/%d  train loss %.4f  val loss %s  %.1f seq/s%s",
-                    progress.epoch,
+                    epoch,
                     config.epochs,
                     record["train_loss"],
                     "-" if val_loss is None else f"{val_loss:.4f}",
@@ -384,7 +388,7 @@ def _fit(
             if out_of_time:
                 log.info("stopping: --max-time %gs reached", config.max_time)
                 break
-            if config.patience and progress.epoch - progress.best_epoch >= config.patience:
+            if config.patience and epoch - progress.best_epoch >= config.patience:
                 log.info("stopping: no better validation loss for %d epochs (--patience)", config.patience)
                 break
     except KeyboardInterrupt:

@@ -85,6 +85,18 @@ def test_existing_run_is_not_overwritten_without_force(digits_file, tmp_path):
     )
 
 
+def test_a_forced_restart_leaves_nothing_of_the_old_run_to_resume(digits_file, tmp_path, monkeypatch):
+    _run(digits_file, tmp_path / "run", epochs=1)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("crashed in the first step")
+
+    monkeypatch.setattr(train, "weighted_loss", crash)
+    with pytest.raises(RuntimeError):
+        train.train(digits_file, SPEC, make_config("fast", 1), _config(), str(tmp_path / "run"), force=True)
+    assert not any((tmp_path / "run" / name).exists() for name in ("last.pt", "best.pt", "metrics.jsonl"))
+
+
 def test_batch_larger_than_training_set_is_a_user_error(digits_file, tmp_path):
     with pytest.raises(UserError, match="--batch-size 999"):
         _run(digits_file, tmp_path / "run", batch_size=999)
@@ -176,6 +188,17 @@ def test_max_time_stops_cleanly_with_checkpoints(digits_file, tmp_path):
     summary = _run(digits_file, tmp_path / "run", epochs=1000, max_time=0.5)
     assert summary["epochs"] < 1000
     assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_a_run_cut_short_by_max_time_resumes_mid_epoch(digits_file, tmp_path):
+    straight = _run(digits_file, tmp_path / "straight", epochs=1)
+    cut = _run(digits_file, tmp_path / "run", epochs=1, max_time=1e-9)  # out of time after the first step
+    assert cut["steps"] == 1 and cut["epochs"] == 0
+    assert checkpoint.load(str(tmp_path / "run" / "last.pt"))["progress"]["batch"] == 1
+    resumed = train.resume(digits_file, str(tmp_path / "run"), show_progress=False, max_time=None)
+    assert resumed["epochs"] == 1 and resumed["steps"] == straight["steps"]
+    with pytest.raises(UserError, match="--max-time"):
+        _run(digits_file, tmp_path / "other", max_time=-1)
 
 
 def test_no_fast_bf16_falls_back_to_fp32_with_one_info_line(monkeypatch, caplog):
