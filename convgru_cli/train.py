@@ -237,7 +237,9 @@ def _fit(
         for stale in ("metrics.jsonl", "best.pt", "last.pt", "config.toml"):  # a --force restart starts clean
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(run_dir, stale))
-    net = DistributedDataParallel(model) if world > 1 else model
+    # With one input frame the encoder's hidden convolutions never run (a zero state convolves to its bias), and
+    # DDP must be told to expect weights without gradients.
+    net = DistributedDataParallel(model, find_unused_parameters=spec.input_frames == 1) if world > 1 else model
     if config.compile:
         net = compile_for(net, device)
 

@@ -80,3 +80,10 @@ def test_distributed_evaluate_matches_one_process(runs):
             defined = [v for v in values if v is not None]
             theirs = [v for v in two["scores"][method][metric] if v is not None]
             assert theirs == pytest.approx(defined, rel=1e-6), (method, metric)
+
+
+def test_one_input_frame_trains_under_torchrun(runs):
+    """The encoder's hidden convolutions get no gradient from a single (zero-state) step."""
+    workdir, data, _ = runs
+    one_frame = ["--input-frames", "1", *COMMON[2:], "--batch-size", "2", "--out", "one-frame", "--json"]
+    assert json.loads(_torchrun(["train", data, *one_frame], workdir).stdout)["steps"] > 1
