@@ -127,6 +127,8 @@ class Scores:
         self.table = torch.zeros(len(self.thresholds), lead_times, 4, dtype=torch.float64)
 
     def update(self, prediction: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        if prediction.device.type == "mps":  # no float64 there: score on the CPU
+            prediction, truth, valid = prediction.cpu(), truth.cpu(), None if valid is None else valid.cpu()
         prediction, truth = prediction.double(), truth.double()
         if valid is None:
             valid = torch.ones_like(truth, dtype=torch.bool)

@@ -431,13 +431,12 @@ def validate(net, frames, windows, spec, normalisation, config, device, precisio
     net.eval()
     mine = windows[rank::world]
     batches = [list(range(i, min(i + config.batch_size, len(mine)))) for i in range(0, len(mine), config.batch_size)]
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(2, dtype=torch.float64)  # summed on the CPU: Apple's MPS has no float64
     for batch in _loader(data.WindowDataset(frames, mine, spec.window), batches, 0, device):
         inputs, target, valid = _split(batch.to(device), normalisation, spec)
         with autocast(device, precision):
             prediction = net(inputs, spec.output_frames)
-        weight = valid.double()
-        total[0] += ((prediction.double() - target) ** 2 * weight).sum()
-        total[1] += weight.sum()
+        weight = valid.float()
+        total += torch.stack([((prediction.float() - target) ** 2 * weight).sum(), weight.sum()]).cpu()
     total = distributed.sum_over_processes(total, device)
     return (total[0] / total[1].clamp(min=1)).item()
