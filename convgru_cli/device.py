@@ -22,15 +22,21 @@ def pick_device(name: str = "auto") -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name.startswith("cuda"):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: unknown device; choose auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available here; use --device auto or cpu")
-    elif name == "mps":
-        if not torch.backends.mps.is_available():
-            raise UserError("--device mps: Apple MPS is not available here; use --device auto or cpu")
-    elif name != "cpu":
-        raise UserError(f"--device {name}: unknown device; choose auto, cpu, cuda, cuda:N or mps")
-    return torch.device(name)
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: Apple MPS is not available here; use --device auto or cpu")
+    return device
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -56,7 +62,9 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
             raise UserError("--precision fp16 needs a GPU (cuda or mps); use bf16 or fp32 on the CPU")
         return torch.float16
     if device.type == "cuda":
-        fast = torch.cuda.is_bf16_supported()
+        # bf16 tensor cores came with Ampere (8.0); torch.cuda.is_bf16_supported() also says yes where bf16 is
+        # only emulated, slower than fp32. ROCm builds run bf16 natively on the GPUs they support.
+        fast = torch.version.hip is not None or torch.cuda.get_device_capability(device) >= (8, 0)
     elif device.type == "cpu":
         fast = cpu_has_fast_bf16()
     else:

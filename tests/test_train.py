@@ -212,3 +212,30 @@ def test_no_fast_bf16_falls_back_to_fp32_with_one_info_line(monkeypatch, caplog)
     assert device.pick_precision("auto", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         device.pick_precision("fp16", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 0), torch.float32), ((8, 0), torch.bfloat16)])
+def test_auto_precision_on_cuda_wants_bf16_tensor_cores(monkeypatch, capability, expected):
+    """A V100 (7.0) emulates bf16, slower than fp32; an A100 (8.0) has it in its tensor cores."""
+    from convgru_cli import device
+
+    asked = []
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: asked.append(d) or capability)
+    gpu = torch.device("cuda", 1)
+    assert device.pick_precision("auto", gpu) == expected
+    assert asked == [gpu]
+
+
+def test_devices_that_are_not_here_are_user_errors(monkeypatch):
+    from convgru_cli import device
+
+    assert device.pick_device("cpu") == torch.device("cpu")
+    for name in ("cudafoo", "tpu", "cuda:x"):
+        with pytest.raises(UserError, match=f"--device {name}: unknown device"):
+            device.pick_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device.pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="--device cuda:7: this machine has 2 CUDA device"):
+        device.pick_device("cuda:7")
