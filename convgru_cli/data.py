@@ -253,22 +253,24 @@ class Frames:
             for axis in self.layout
         )
         block = self._frames[index]
-        if self._mask is not None:
-            block = np.where(self._mask[index].astype(bool), block.astype(np.float32), np.float32(np.nan))
+        valid = None if self._mask is None else self._mask[index].astype(bool)
         if np.issubdtype(block.dtype, np.floating):
-            block = self._checked(block, sequence, start)
+            block = self._checked(block, valid, sequence, start)
+        if valid is not None:  # after --nan-policy, which is about the data's own NaN, not the mask's
+            block = np.where(valid, block.astype(np.float32), np.float32(np.nan))
         axes = [a for a in self.layout if a != "N"]
         if "C" not in axes:
             block = block[..., np.newaxis]
             axes.append("C")
         return np.ascontiguousarray(np.transpose(block, [axes.index(a) for a in "TCHW"]))
 
-    def _checked(self, block: np.ndarray, sequence: int, start: int) -> np.ndarray:
-        """Inf is always an error; NaN follows the policy."""
+    def _checked(self, block: np.ndarray, valid: np.ndarray | None, sequence: int, start: int) -> np.ndarray:
+        """Inf is always an error; NaN follows the policy. Pixels the mask marks as no data are not looked at."""
         where = f"{self.label}: sequence {sequence}, frames from {start}"
-        if np.isinf(block).any():
+        looked_at = block if valid is None else block[valid]
+        if np.isinf(looked_at).any():
             raise UserError(f"{where}: infinite values; fix the data or mark them as NaN (no data)")
-        if self.nan_policy != "mask" and np.isnan(block).any():
+        if self.nan_policy != "mask" and np.isnan(looked_at).any():
             if self.nan_policy == "error":
                 raise UserError(f"{where}: NaN values (--nan-policy error); use --nan-policy mask or zero")
             block = np.nan_to_num(block, nan=0.0)

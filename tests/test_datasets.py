@@ -67,6 +67,27 @@ def test_mask_dataset_marks_no_data(tmp_path):
             data.Frames(file, "frames", mask_dataset="short_mask")
 
 
+def test_nan_policy_is_about_the_datas_own_nan_not_the_masks(tmp_path):
+    array = DIGITS.astype(np.float32)
+    mask = np.ones(DIGITS.shape, dtype=bool)
+    mask[:, :, :8] = False
+    array[:, :, :8] = np.inf  # a fill value under the mask: never looked at
+    path = write_h5(tmp_path / "m.h5", array)
+    with h5py.File(path, "a") as file:
+        file["mask"] = mask
+    with data.open_hdf5(path) as file:
+        for policy in ("error", "zero", "mask"):
+            window = data.Frames(file, "frames", nan_policy=policy).read(0, 0, 6)
+            assert np.isnan(window[:, :, :8]).all() and np.isfinite(window[:, :, 8:]).all(), policy
+    with h5py.File(path, "a") as file:
+        file["frames"][0, 0, 20, 20] = np.nan  # a NaN the mask does not cover
+    with data.open_hdf5(path) as file:
+        with pytest.raises(data.UserError, match="NaN values"):
+            data.Frames(file, "frames", nan_policy="error").read(0, 0, 6)
+        window = data.Frames(file, "frames", nan_policy="zero").read(0, 0, 6)
+        assert window[0, 0, 20, 20] == 0 and np.isnan(window[:, :, :8]).all()
+
+
 def test_masked_pixels_change_neither_loss_nor_scores():
     from convgru_cli.metrics import Scores
 
