@@ -50,9 +50,13 @@ class Forecaster:
 
     def read_frames(self, file: h5py.File, dataset: str | None, layout: str | None) -> data.Frames:
         """A file's frames as this model reads them: the dataset it was trained on and its mask, where the
-        file has them, unless ``dataset`` names another."""
+        file has them, unless ``dataset`` names another; without ``layout`` or a recorded one, the layout it
+        was trained on, before one read off the shape."""
         spec = self.spec
         name = data.pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None), spec.mask_dataset)
+        source = file[name]
+        if not layout and not data.text_attribute(source, "layout") and len(spec.layout or "") == source.ndim:
+            layout = spec.layout  # a file like the training file, which records no layout, is read the same way
         frames = data.Frames(file, name, layout, None, spec.nan_policy, data.mask_in(file, spec))
         self.check_frames(frames)
         return frames

@@ -52,6 +52,22 @@ def test_every_layout_trains_predicts_and_evaluates(tmp_path, layout, array, nam
     assert len(json.loads(scored.stdout)["scores"]["model"]["mse"]) == 2
 
 
+def test_predict_and_evaluate_read_a_file_as_the_model_was_trained_to(tmp_path):
+    """A TNHW file with no layout attribute: --layout at training is enough; the checkpoint remembers it."""
+    path = write_h5(tmp_path / "d.h5", DIGITS.transpose(1, 0, 2, 3))  # 6 frames of 8 sequences
+    trained = runner.invoke(app, ["train", path, *SMALL, "--layout", "TNHW", "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    best = str(tmp_path / "run" / "best.pt")
+    out = tmp_path / "f.h5"
+    predicted = runner.invoke(app, ["predict", path, "--checkpoint", best, "--frames", "2", "-o", str(out)])
+    assert predicted.exit_code == 0, predicted.output
+    with h5py.File(out) as file:
+        assert file["forecast"].attrs["layout"] == "TNHW" and file["forecast"].shape == (2, 8, 32, 32)
+    scored = runner.invoke(app, ["evaluate", path, "--checkpoint", best, "--json"])
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["windows"] == 8 * 2  # read as NTHW: 6 * 4
+
+
 def test_mask_dataset_marks_no_data(tmp_path):
     path = write_h5(tmp_path / "m.h5", DIGITS.astype(np.float32))
     with h5py.File(path, "a") as file:
