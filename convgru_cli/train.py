@@ -88,6 +88,7 @@ class Progress:
     best_val: float = math.inf
     best_epoch: int = 0
     history: list[dict] = field(default_factory=list)
+    processes: int = 1  # batches, steps and the schedule are counted for this many processes
 
 
 def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.Tensor:
@@ -221,12 +222,17 @@ def _fit(
     model = EncoderForecaster(model_config, recompute=config.recompute).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    progress = Progress()
+    progress = Progress(processes=world)
     if saved:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         progress = Progress(**saved["progress"])
+        if progress.processes != world:
+            raise UserError(
+                f"--resume {run_dir}: the run was trained by {progress.processes} process(es) and this is {world}; "
+                f"resume it with as many (torchrun --nproc-per-node {progress.processes}) to continue where it was"
+            )
     elif rank == 0:
         if os.path.exists(os.path.join(run_dir, "last.pt")) and not force:
             raise UserError(f"{run_dir}: holds a run already; use --resume {run_dir} or --force to start over")

@@ -87,3 +87,18 @@ def test_one_input_frame_trains_under_torchrun(runs):
     workdir, data, _ = runs
     one_frame = ["--input-frames", "1", *COMMON[2:], "--batch-size", "2", "--out", "one-frame", "--json"]
     assert json.loads(_torchrun(["train", data, *one_frame], workdir).stdout)["steps"] > 1
+
+
+def test_a_run_resumes_only_with_as_many_processes(runs):
+    workdir, data, _ = runs
+    done = subprocess.run(
+        [sys.executable, "-m", "convgru_cli", "train", data, "--resume", "two", "--epochs", "2"],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env=ENV,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert "--resume two: the run was trained by 2 process(es) and this is 1" in done.stderr
+    assert "Traceback" not in done.stderr
