@@ -90,7 +90,7 @@ def compile_for(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
 def compile_failure(error: Exception, command: str) -> UserError:
     """torch.compile fails at the first compiled call (no C++ compiler, say): one line, not Inductor's
     traceback."""
-    cause = next(line for line in str(error).splitlines() if line.strip())
+    cause = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
     return UserError(f"--compile: torch.compile failed ({cause}); {command} without --compile")
 
 

@@ -197,8 +197,7 @@ def evaluate_forecasts(
     if truth.dtype == np.uint8:
         data_range, zero_one = 255.0, 255.0
     else:
-        sample = truth.read(0, 0, truth.steps)
-        low, high = float(np.nanmin(sample)), float(np.nanmax(sample))
+        low, high = _value_range(truth)
         data_range, zero_one = max(high - low, 1e-12), (1.0 if low >= 0 and high <= 1 else None)
     per_lead, mean = _score(
         batches(),
@@ -212,6 +211,15 @@ def evaluate_forecasts(
     )
     report = _report(truth_path, truth, truth.sequences, lead_times, per_lead, mean)
     return {"forecast": forecast_path, "truth_start": truth_start, **report}
+
+
+def _value_range(frames: data.Frames, samples: int = 64) -> tuple[float, float]:
+    """Smallest and largest value in up to ``samples`` frames spread over all sequences: a radar archive's
+    one long series can be far larger than memory."""
+    picks = np.linspace(0, frames.sequences * frames.steps - 1, min(samples, frames.sequences * frames.steps))
+    values = np.concatenate([frames.read(i // frames.steps, i % frames.steps, 1).ravel() for i in picks.astype(int)])
+    values = values[np.isfinite(values)]
+    return (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
 
 
 def _stack(read: Callable[[int], np.ndarray], sequences: range) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from convgru_cli import baselines, pictures
+from convgru_cli import baselines, evaluate, pictures
 from convgru_cli.cli import app
 from tests.conftest import write_h5
 
@@ -174,3 +174,15 @@ def test_scoring_a_forecast_file_from_any_model(model_run, tmp_path):
         assert plot.size[0] >= 600
     mismatch = runner.invoke(app, ["evaluate", "--forecast", str(forecast), "--truth", data, "--truth-start", "6"])
     assert mismatch.exit_code == 2 and "--truth-start" in mismatch.stderr
+
+
+def test_a_forecast_file_is_scored_on_the_value_range_of_the_whole_truth_file(tmp_path):
+    """PSNR's peak comes from frames spread over every sequence, not the first sequence alone."""
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0, 1, (4, 6, 16, 16)).astype(np.float32)
+    truth[1:, :, 0, 0], truth[1:, :, 0, 1] = 0.0, 10.0
+    write_h5(tmp_path / "truth.h5", truth)
+    with h5py.File(tmp_path / "f.h5", "w") as file:
+        file.create_dataset("forecast", data=truth[:, 2:4] + 1).attrs["layout"] = "NTHW"  # MSE 1 everywhere
+    report = evaluate.evaluate_forecasts(str(tmp_path / "f.h5"), str(tmp_path / "truth.h5"), truth_start=2)
+    assert report["scores"]["forecast"]["psnr"] == pytest.approx([20.0, 20.0], abs=1e-4)  # 10 log10(10² / 1)
