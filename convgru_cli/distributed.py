@@ -45,3 +45,10 @@ def sum_over_processes(tensor: torch.Tensor, device: torch.device) -> torch.Tens
     on_device = tensor.to(device)
     dist.all_reduce(on_device)
     return on_device.to(tensor.device)
+
+
+def finish() -> None:
+    """Wait for every process, then leave the process group (NCCL warns at exit about one left open)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

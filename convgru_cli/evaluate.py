@@ -140,6 +140,7 @@ def evaluate_file(
         forecaster.device,
         fss_scales,
     )
+    distributed.finish()
     report = _report(", ".join(data_paths or ["<stdin>"]), frames, len(chosen), spec.output_frames, per_lead, mean)
     return {"checkpoint": forecaster.checkpoint_path, **report}
 

@@ -17,7 +17,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -407,8 +406,7 @@ def _fit(
         raise compile_failure(error, "train") from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    if world > 1:
-        dist.barrier()
+    distributed.finish()
     return {
         "run_dir": run_dir,
         "best_epoch": progress.best_epoch,
