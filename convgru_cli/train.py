@@ -88,6 +88,8 @@ class Progress:
     best_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     processes: int = 1  # batches, steps and the schedule are counted for this many processes
+    epoch_loss: float = 0.0  # this process's loss x sequences over the current epoch's batches so far
+    epoch_sequences: int = 0
 
 
 def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.Tensor:
@@ -316,7 +318,7 @@ def _fit(
                 file=sys.stderr,
                 leave=False,
             )
-            epoch_loss, epoch_seen, epoch_start = 0.0, 0, time.perf_counter()
+            seen_here, epoch_start = 0, time.perf_counter()  # this process's sequences since it (re)started
             out_of_time = False
             for batch in _loader(train_set, batches[progress.batch :], workers, device):
                 raw = batch.to(device, non_blocking=True)
@@ -349,9 +351,10 @@ def _fit(
                 scaler.update()
                 progress.batch += 1
                 progress.step += 1
-                epoch_loss += loss_value * len(batch)
-                epoch_seen += len(batch)
-                rate = epoch_seen * world / (time.perf_counter() - epoch_start)
+                progress.epoch_loss += loss_value * len(batch)
+                progress.epoch_sequences += len(batch)
+                seen_here += len(batch)
+                rate = seen_here * world / (time.perf_counter() - epoch_start)
                 bar.set_postfix(loss=f"{loss_value:.4f}", seq_s=f"{rate:.1f}")
                 bar.update()
                 if out_of_time:
@@ -361,15 +364,18 @@ def _fit(
             # The epoch counts as done only after validation (a Ctrl-C during it resumes into validation) and
             # only when all its batches ran: one cut short by --max-time goes on from there when resumed.
             val_loss = validate(net, frames, val_windows, spec, normalisation, config, device, precision, rank, world)
+            loss_sum, sequences = distributed.sum_over_processes(
+                torch.tensor([progress.epoch_loss, progress.epoch_sequences], dtype=torch.float64), device
+            ).tolist()
             epoch = progress.epoch + 1
             if progress.batch == len(batches):
-                progress.epoch, progress.batch = epoch, 0
+                progress.epoch, progress.batch, progress.epoch_loss, progress.epoch_sequences = epoch, 0, 0.0, 0
             record = {
                 "epoch": epoch,
                 "step": progress.step,
-                "train_loss": epoch_loss / max(epoch_seen, 1),
+                "train_loss": loss_sum / sequences if sequences else None,  # the epoch's, across resumes
                 "val_loss": val_loss,
-                "seq_per_s": epoch_seen * world / max(time.perf_counter() - epoch_start, 1e-9),
+                "seq_per_s": seen_here * world / (time.perf_counter() - epoch_start) if seen_here else None,
                 "elapsed_s": round(progress.elapsed, 2),
             }
             # Without a validation split every epoch is the best so far; a NaN loss never is.
@@ -384,12 +390,12 @@ def _fit(
             if rank == 0:
                 _write_metrics(run_dir, record)
                 log.info(
-                    "epoch %d/%d  train loss %.4f  val loss %s  %.1f seq/s%s",
+                    "epoch %d/%d  train loss %s  val loss %s  %s seq/s%s",
                     epoch,
                     config.epochs,
-                    record["train_loss"],
+                    "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}",
                     "-" if val_loss is None else f"{val_loss:.4f}",
-                    record["seq_per_s"],
+                    "-" if record["seq_per_s"] is None else f"{record['seq_per_s']:.1f}",
                     "  (best)" if improved else "",
                 )
             if out_of_time:

@@ -56,6 +56,9 @@ def test_interrupted_run_resumes_to_the_same_weights(digits_file, tmp_path, monk
     resumed = train.resume(digits_file, str(tmp_path / "resumed"), show_progress=False)
 
     assert resumed["steps"] == straight["steps"]
+    records = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("straight", "resumed")]
+    for key in ("epoch", "step", "train_loss", "val_loss"):  # the interrupted epoch's loss counts all its batches
+        assert [r[key] for r in records[1]] == pytest.approx([r[key] for r in records[0]], rel=1e-5), key
     a = checkpoint.load(straight["last_checkpoint"])["model"]
     b = checkpoint.load(resumed["last_checkpoint"])["model"]
     for name in a:
