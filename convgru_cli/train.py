@@ -443,10 +443,13 @@ def validate(net, frames, windows, spec, normalisation, config, device, precisio
     batches = [list(range(i, min(i + config.batch_size, len(mine)))) for i in range(0, len(mine), config.batch_size)]
     total = torch.zeros(2, dtype=torch.float64)  # summed on the CPU: Apple's MPS has no float64
     for batch in _loader(data.WindowDataset(frames, mine, spec.window), batches, 0, device):
-        inputs, target, valid = _split(batch.to(device), normalisation, spec)
+        batch, count = batch.to(device), len(batch)
+        if config.compile and count < config.batch_size:  # the ragged last batch runs the graph compiled already
+            batch = torch.cat([batch, batch[-1:].expand(config.batch_size - count, *batch.shape[1:])])
+        inputs, target, valid = _split(batch, normalisation, spec)
         with autocast(device, precision):
             prediction = net(inputs, spec.output_frames)
-        weight = valid.float()
-        total += torch.stack([((prediction.float() - target) ** 2 * weight).sum(), weight.sum()]).cpu()
+        error, weight = prediction[:count].float() - target[:count], valid[:count].float()
+        total += torch.stack([(error**2 * weight).sum(), weight.sum()]).cpu()
     total = distributed.sum_over_processes(total, device)
     return (total[0] / total[1].clamp(min=1)).item()
