@@ -134,6 +134,21 @@ def _loader(dataset: data.WindowDataset, batches: list[list[int]], workers: int,
     )
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C or SIGTERM inside the block takes effect, as KeyboardInterrupt, when the block is done."""
+    caught = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.signal(number, lambda number, frame: caught.append(number)) for number in held]
+    try:
+        yield
+    finally:
+        for number, handler in zip(held, previous, strict=True):
+            signal.signal(number, handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def _write_metrics(run_dir: str, record: dict) -> None:
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as file:
         file.write(json.dumps(record) + "\n")
@@ -347,12 +362,13 @@ def _fit(
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                progress.batch += 1
-                progress.step += 1
-                progress.epoch_loss += loss_value * len(batch)
-                progress.epoch_sequences += len(batch)
+                with _signals_held():  # a checkpoint never holds the new weights with the old step count
+                    scaler.step(optimizer)
+                    scaler.update()
+                    progress.batch += 1
+                    progress.step += 1
+                    progress.epoch_loss += loss_value * len(batch)
+                    progress.epoch_sequences += len(batch)
                 seen_here += len(batch)
                 rate = seen_here * world / (time.perf_counter() - epoch_start)
                 bar.set_postfix(loss=f"{loss_value:.4f}", seq_s=f"{rate:.1f}")

@@ -1,6 +1,8 @@
 import json
 import os
 import shutil
+import signal
+import time
 
 import pytest
 import torch
@@ -59,6 +61,31 @@ def test_interrupted_run_resumes_to_the_same_weights(digits_file, tmp_path, monk
     records = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("straight", "resumed")]
     for key in ("epoch", "step", "train_loss", "val_loss"):  # the interrupted epoch's loss counts all its batches
         assert [r[key] for r in records[1]] == pytest.approx([r[key] for r in records[0]], rel=1e-5), key
+    a = checkpoint.load(straight["last_checkpoint"])["model"]
+    b = checkpoint.load(resumed["last_checkpoint"])["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+
+
+def test_ctrl_c_just_after_an_optimizer_step_resumes_to_the_same_weights(digits_file, tmp_path, monkeypatch):
+    """The signal lands between the weight update and the step count: the checkpoint must hold both or neither."""
+    straight = _run(digits_file, tmp_path / "straight")
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step_then_signal(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the handler runs here, inside the update
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+    with pytest.raises(train.Interrupted):
+        _run(digits_file, tmp_path / "resumed")
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert checkpoint.load(str(tmp_path / "resumed" / "last.pt"))["progress"]["step"] == 5
+    resumed = train.resume(digits_file, str(tmp_path / "resumed"), show_progress=False)
     a = checkpoint.load(straight["last_checkpoint"])["model"]
     b = checkpoint.load(resumed["last_checkpoint"])["model"]
     for name in a:
