@@ -406,9 +406,10 @@ def _fit(
             if rank == 0:
                 _write_metrics(run_dir, record)
                 log.info(
-                    "epoch %d/%d  train loss %s  val loss %s  %s seq/s%s",
+                    "epoch %d/%d%s  train loss %s  val loss %s  %s seq/s%s",
                     epoch,
                     config.epochs,
+                    f" (cut short: {progress.batch} of {len(batches)} batches)" if progress.batch else "",
                     "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}",
                     "-" if val_loss is None else f"{val_loss:.4f}",
                     "-" if record["seq_per_s"] is None else f"{record['seq_per_s']:.1f}",

@@ -221,10 +221,12 @@ def test_max_time_stops_cleanly_with_checkpoints(digits_file, tmp_path):
     assert (tmp_path / "run" / "best.pt").is_file()
 
 
-def test_a_run_cut_short_by_max_time_resumes_mid_epoch(digits_file, tmp_path):
+def test_a_run_cut_short_by_max_time_resumes_mid_epoch(digits_file, tmp_path, caplog):
     straight = _run(digits_file, tmp_path / "straight", epochs=1)
-    cut = _run(digits_file, tmp_path / "run", epochs=1, max_time=1e-9)  # out of time after the first step
+    with caplog.at_level("INFO", logger="convgru"):
+        cut = _run(digits_file, tmp_path / "run", epochs=1, max_time=1e-9)  # out of time after the first step
     assert cut["steps"] == 1 and cut["epochs"] == 0
+    assert "epoch 1/1 (cut short: 1 of 9 batches)" in caplog.text
     assert checkpoint.load(str(tmp_path / "run" / "last.pt"))["progress"]["batch"] == 1
     resumed = train.resume(digits_file, str(tmp_path / "run"), show_progress=False, max_time=None)
     assert resumed["epochs"] == 1 and resumed["steps"] == straight["steps"]
