@@ -243,7 +243,7 @@ def _fit(
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
-        progress = Progress(**saved["progress"])
+        progress = Progress(**{"processes": world, **saved["progress"]})  # older checkpoints do not record it
         if progress.processes != world:
             raise UserError(
                 f"--resume {run_dir}: the run was trained by {progress.processes} process(es) and this is {world}; "

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -102,3 +103,15 @@ def test_a_run_resumes_only_with_as_many_processes(runs):
     assert done.returncode == 2
     assert "--resume two: the run was trained by 2 process(es) and this is 1" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_checkpoint_that_records_no_process_count_resumes_under_torchrun(runs):
+    workdir, data, _ = runs
+    shutil.copytree(workdir / "two", workdir / "older")
+    last = str(workdir / "older" / "last.pt")
+    saved = checkpoint.load(last)
+    for newer in ("processes", "epoch_loss", "epoch_sequences"):  # written before these were recorded
+        del saved["progress"][newer]
+    checkpoint.save(last, saved)
+    resumed = _torchrun(["train", data, "--resume", "older", "--epochs", "2", "--json"], workdir)
+    assert json.loads(resumed.stdout)["epochs"] == 2

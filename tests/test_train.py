@@ -94,6 +94,11 @@ def test_ctrl_c_just_after_an_optimizer_step_resumes_to_the_same_weights(digits_
 
 def test_resume_can_extend_epochs(digits_file, tmp_path):
     _run(digits_file, tmp_path / "run", epochs=1)
+    last = str(tmp_path / "run" / "last.pt")
+    saved = checkpoint.load(last)
+    for newer in ("processes", "epoch_loss", "epoch_sequences"):  # a checkpoint from before they were recorded
+        del saved["progress"][newer]
+    checkpoint.save(last, saved)
     summary = train.resume(digits_file, str(tmp_path / "run"), show_progress=False, epochs=2)
     assert summary["epochs"] == 2
     with pytest.raises(UserError, match="cannot change"):
