@@ -214,7 +214,7 @@ def evaluate_forecasts(
     return {"forecast": forecast_path, "truth_start": truth_start, **report}
 
 
-def _value_range(frames: data.Frames, samples: int = 64) -> tuple[float, float]:
+def _value_range(frames: data.Frames, samples: int = 512) -> tuple[float, float]:
     """Smallest and largest value in up to ``samples`` frames spread over all sequences: a radar archive's
     one long series can be far larger than memory."""
     picks = np.linspace(0, frames.sequences * frames.steps - 1, min(samples, frames.sequences * frames.steps))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from convgru_cli.device import autocast, compile_failure, compile_for, pick_devi
 from convgru_cli.errors import UserError
 from convgru_cli.files import hdf5_bytes, refuse_existing, write_atomically
 from convgru_cli.model import EncoderForecaster, ModelConfig
+
+log = logging.getLogger("convgru")
 
 
 @dataclass
@@ -57,6 +60,10 @@ class Forecaster:
         source = file[name]
         if not layout and not data.text_attribute(source, "layout") and len(spec.layout or "") == source.ndim:
             layout = spec.layout  # a file like the training file, which records no layout, is read the same way
+            if layout != data.resolve_layout(source.shape, None, name):
+                log.info(
+                    "%s: no layout recorded; read as %s, as the model was trained (--layout to change)", name, layout
+                )
         frames = data.Frames(file, name, layout, None, spec.nan_policy, data.mask_in(file, spec))
         self.check_frames(frames)
         return frames

@@ -64,8 +64,8 @@ class TrainConfig:
             raise UserError("--balance-weights needs one weight more than --balance-thresholds")
         if list(self.balance_thresholds) != sorted(self.balance_thresholds):
             raise UserError("--balance-thresholds must be in increasing order")
-        if self.max_time is not None and self.max_time <= 0:
-            raise UserError(f"--max-time {self.max_time:g}: must be positive")
+        if self.max_time is not None and self.max_time < 0:
+            raise UserError(f"--max-time {self.max_time:g}: must be positive (0: no limit)")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers {self.workers}: must be 0 or more")
 
@@ -88,7 +88,9 @@ class Progress:
     best_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     processes: int = 1  # batches, steps and the schedule are counted for this many processes
-    epoch_loss: float = 0.0  # this process's loss x sequences over the current epoch's batches so far
+    # This process's loss x sequences over the current epoch's batches so far. Only rank 0's is saved: after a
+    # mid-epoch resume under torchrun, every process starts from it, an estimate of its own.
+    epoch_loss: float = 0.0
     epoch_sequences: int = 0
 
 
@@ -137,13 +139,13 @@ def _loader(dataset: data.WindowDataset, batches: list[list[int]], workers: int,
 @contextlib.contextmanager
 def _signals_held():
     """Ctrl-C or SIGTERM inside the block takes effect, as KeyboardInterrupt, when the block is done."""
-    caught = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = [signal.signal(number, lambda number, frame: caught.append(number)) for number in held]
+    caught, previous = [], {}
     try:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, lambda number, frame: caught.append(number))
         yield
     finally:
-        for number, handler in zip(held, previous, strict=True):
+        for number, handler in previous.items():
             signal.signal(number, handler)
     if caught:
         raise KeyboardInterrupt
@@ -393,6 +395,7 @@ def _fit(
                 "val_loss": val_loss,
                 "seq_per_s": seen_here * world / (time.perf_counter() - epoch_start) if seen_here else None,
                 "elapsed_s": round(progress.elapsed, 2),
+                "complete": progress.batch == 0,  # false: cut short by --max-time, continued by --resume
             }
             # Without a validation split every epoch is the best so far; a NaN loss never is.
             improved = val_loss is None or val_loss < progress.best_val

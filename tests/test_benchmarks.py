@@ -20,9 +20,13 @@ def test_bench_train_quick_reports_every_figure():
     result = json.loads(done.stdout)
     for key in ("train_ratio", "infer_ratio", "roofline_fraction", "ceiling_train_ratio", "ceiling_infer_ratio"):
         assert result[key] > 0, key
-    for key in ("peak_train_mb_batch16", "peak_train_mb_batch16_recompute", "peak_train_mb_batch16_recompute_low_heap"):
+    for key in ("peak_train_mb_batch16", "peak_train_mb_batch16_recompute"):
         assert result[key] > 0, key
-    assert result["low_heap_step_time_ratio"] > 0
+    low_heap = [result["peak_train_mb_batch16_recompute_low_heap"], result["low_heap_step_time_ratio"]]
+    if sys.platform == "linux":  # glibc's tunables: measured on Linux only
+        assert all(value > 0 for value in low_heap)
+    else:
+        assert low_heap == [None, None]
     configs = [row["config"] for row in result["rows"]]
     assert configs[0] == "reference fp32" and len(configs) == 4
     for row in result["rows"]:

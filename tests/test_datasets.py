@@ -61,6 +61,7 @@ def test_predict_and_evaluate_read_a_file_as_the_model_was_trained_to(tmp_path):
     out = tmp_path / "f.h5"
     predicted = runner.invoke(app, ["predict", path, "--checkpoint", best, "--frames", "2", "-o", str(out)])
     assert predicted.exit_code == 0, predicted.output
+    assert "frames: no layout recorded; read as TNHW, as the model was trained" in predicted.stderr
     with h5py.File(out) as file:
         assert file["forecast"].attrs["layout"] == "TNHW" and file["forecast"].shape == (2, 8, 32, 32)
     scored = runner.invoke(app, ["evaluate", path, "--checkpoint", best, "--json"])
