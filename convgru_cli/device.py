@@ -87,6 +87,14 @@ def compile_for(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
+def pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """``batch`` grown to ``size`` items with copies of its last: a smaller last batch runs through the graph
+    compiled for the full ones instead of compiling another (a minute or more on a CPU)."""
+    if len(batch) >= size:
+        return batch
+    return torch.cat([batch, batch[-1:].expand(size - len(batch), *batch.shape[1:])])
+
+
 def compile_failure(error: Exception, command: str) -> UserError:
     """torch.compile fails at the first compiled call (no C++ compiler, say): one line, not Inductor's
     traceback."""

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from convgru_cli import __version__, checkpoint, data, distributed
-from convgru_cli.device import autocast, compile_failure, compile_for, pick_device, pick_precision
+from convgru_cli.device import autocast, compile_failure, compile_for, pad_batch, pick_device, pick_precision
 from convgru_cli.errors import UserError
 from convgru_cli.files import hdf5_bytes, refuse_existing, write_atomically
 from convgru_cli.model import EncoderForecaster, ModelConfig
@@ -83,13 +83,9 @@ class Forecaster:
         units."""
         normalised, _ = self.normalisation.normalise(torch.as_tensor(inputs).to(self.device))
         batch = len(normalised)
-        if self.network is not self.model:
-            # A file's last batch is usually smaller: padded to the first batch's size, it runs through the
-            # graph already compiled instead of compiling a second one (a minute or more on a CPU).
+        if self.network is not self.model:  # a file's last batch is usually smaller
             self.compiled_batch = self.compiled_batch or batch
-            if batch < self.compiled_batch:
-                padding = normalised[-1:].expand(self.compiled_batch - batch, *normalised.shape[1:])
-                normalised = torch.cat([normalised, padding])
+            normalised = pad_batch(normalised, self.compiled_batch)
         with autocast(self.device, self.precision):
             try:
                 prediction = self.network(normalised, frames)[:batch]

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from convgru_cli import checkpoint, data, distributed
-from convgru_cli.device import autocast, compile_failure, compile_for, pick_device, pick_precision
+from convgru_cli.device import autocast, compile_failure, compile_for, pad_batch, pick_device, pick_precision
 from convgru_cli.errors import UserError
 from convgru_cli.model import EncoderForecaster, ModelConfig, count_parameters
 
@@ -464,8 +464,8 @@ def validate(net, frames, windows, spec, normalisation, config, device, precisio
     total = torch.zeros(2, dtype=torch.float64)  # summed on the CPU: Apple's MPS has no float64
     for batch in _loader(data.WindowDataset(frames, mine, spec.window), batches, 0, device):
         batch, count = batch.to(device), len(batch)
-        if config.compile and count < config.batch_size:  # the ragged last batch runs the graph compiled already
-            batch = torch.cat([batch, batch[-1:].expand(config.batch_size - count, *batch.shape[1:])])
+        if config.compile:  # the ragged last batch
+            batch = pad_batch(batch, config.batch_size)
         inputs, target, valid = _split(batch, normalisation, spec)
         with autocast(device, precision):
             prediction = net(inputs, spec.output_frames)
