@@ -65,7 +65,7 @@ class TrainConfig:
         if list(self.balance_thresholds) != sorted(self.balance_thresholds):
             raise UserError("--balance-thresholds must be in increasing order")
         if self.max_time is not None and self.max_time < 0:
-            raise UserError(f"--max-time {self.max_time:g}: must be positive (0: no limit)")
+            raise UserError(f"--max-time {self.max_time:g}: must not be negative (0: no limit)")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers {self.workers}: must be 0 or more")
 
