@@ -88,6 +88,7 @@ def moving_digits(
                         position[axis], velocity[axis] = -position[axis], -velocity[axis]
                     elif position[axis] > room:
                         position[axis], velocity[axis] = 2 * room - position[axis], -velocity[axis]
+                position = np.clip(position, 0, room)  # a step longer than the room bounces past the far wall
     return out
 
 
