@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -22,7 +23,7 @@ from rich.table import Table
 
 from convgru_cli import __version__
 from convgru_cli.errors import UserError
-from convgru_cli.files import refuse_existing
+from convgru_cli.files import refuse_existing, stop_on_signal
 
 app = typer.Typer(
     help="Spatiotemporal forecasting with encoder-forecaster ConvGRU stacks.",
@@ -80,6 +81,7 @@ def main_options(
 ) -> None:
     settings["debug"] = debug
     settings["quiet"] = quiet
+    signal.signal(signal.SIGTERM, stop_on_signal)  # training replaces it with a save of last.pt
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="convgru: %(message)s", stream=sys.stderr, force=True
     )
@@ -226,12 +228,6 @@ def train(
     if isinstance(o["data"], str):
         o["data"] = [o["data"]]
     devices.set_threads(o["threads"])
-    if o["input_frames"] < 1 or o["output_frames"] < 1:
-        raise UserError("--input-frames and --output-frames must be at least 1")
-    if o["stride"] < 1:
-        raise UserError("--stride must be at least 1")
-    if not 0 <= o["val_fraction"] < 1:
-        raise UserError(f"--val-fraction {o['val_fraction']}: must be in [0, 1)")
     show_progress = not settings.get("quiet")
     if resume:
         given = {name for name in ctx.params if ctx.get_parameter_source(name).name == "COMMANDLINE"}

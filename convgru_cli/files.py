@@ -13,6 +13,19 @@ import h5py
 
 from convgru_cli.errors import UserError
 
+_writing: dict[str, int] = {}  # temporary file -> the process writing it (a forked worker must not remove it)
+
+
+def stop_on_signal(number: int, frame) -> None:
+    """SIGTERM (kill, timeout, a batch scheduler): remove this process's temporary files and exit 130 at once.
+    Raising KeyboardInterrupt instead can land in a finalizer, where Python ignores it."""
+    for path, pid in list(_writing.items()):
+        if pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    os.write(2, b"convgru: interrupted\n")
+    os._exit(130)
+
 
 def refuse_existing(paths: list[str | None], force: bool) -> None:
     """Fail before any work is done when an output exists and --force was not given."""
@@ -35,6 +48,7 @@ def atomic_path(path: str, force: bool = True) -> Iterator[str]:
     except OSError as error:
         raise UserError(f"{path}: cannot write in {directory} ({error.strerror})") from None
     os.close(handle)
+    _writing[temporary] = os.getpid()
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -54,6 +68,8 @@ def atomic_path(path: str, force: bool = True) -> Iterator[str]:
         if isinstance(error, OSError):
             raise UserError(f"{path}: writing failed ({error.strerror or error}); nothing was written") from None
         raise
+    finally:
+        _writing.pop(temporary, None)
 
 
 def write_atomically(path: str, write: Callable[[BinaryIO], None], force: bool = True) -> None:

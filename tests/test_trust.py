@@ -237,3 +237,24 @@ def test_one_input_frame_and_another_frame_size_still_evaluate(tmp_path):
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.stdout)["scores"]) == {"model", "persistence"}
     assert "no climatology baseline" in result.stderr
+
+
+def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
+    """kill, timeout and batch schedulers send SIGTERM: it stops like Ctrl-C, exit 130, nothing half-written."""
+    array = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.uint8, shape=(1500, 20, 64, 64))
+    array[:] = np.random.default_rng(0).integers(0, 256, array.shape, dtype=np.uint8)  # slow to compress
+    array.flush()
+    del array
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [*convgru_command(), "data", "import", str(tmp_path / "big.npy"), str(out / "big.h5"), "--layout", "NTHW"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(out.iterdir()) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the import ended before it could be stopped"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "convgru: interrupted" in stderr and "Traceback" not in stderr
+    assert list(out.iterdir()) == []
