@@ -50,6 +50,14 @@ class DataSpec:
     def window(self) -> int:
         return self.input_frames + self.output_frames
 
+    def check(self) -> None:
+        if self.input_frames < 1 or self.output_frames < 1:
+            raise UserError("--input-frames and --output-frames must be at least 1")
+        if self.stride < 1:
+            raise UserError(f"--stride {self.stride}: must be at least 1")
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -311,7 +319,8 @@ def expand_paths(paths: list[str]) -> list[str]:
     """File names, with shell globs expanded here too (for configs and quoted patterns)."""
     names: list[str] = []
     for path in paths:
-        matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+        literal = not glob.has_magic(path) or os.path.exists(path)  # "obs[1].h5" may be a file's own name
+        matches = [path] if literal else sorted(glob.glob(path))
         if not matches:
             raise UserError(f"{path}: the pattern matches no file")
         names += matches

@@ -17,6 +17,7 @@ SAMPLE_FRAMES = 64
 def inspect_file(path: str, input_frames: int = 10, output_frames: int = 10, stride: int = 1) -> dict:
     """Every dataset's shape, dtype, chunks and compression; for frame datasets also the value range, the
     no-data fraction (over up to 64 frames), the layout we would use and the number of windows it gives."""
+    data.DataSpec(None, None, input_frames, output_frames, stride).check()
     with data.open_hdf5(path) as file:
         report = {"file": path, "attributes": {k: _plain(v) for k, v in file.attrs.items()}, "datasets": []}
         for name in data.dataset_names(file):
@@ -70,7 +71,9 @@ def _plain(value):
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     if isinstance(value, np.ndarray):
-        return value.tolist() if value.size <= 16 else f"array {value.shape}"
+        return [_plain(item) for item in value.tolist()] if value.size <= 16 else f"array {value.shape}"
+    if isinstance(value, list):  # from a multidimensional array's tolist()
+        return [_plain(item) for item in value]
     return value.item() if isinstance(value, np.generic) else value
 
 

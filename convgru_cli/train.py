@@ -209,6 +209,7 @@ def _fit(
     rank, world = distributed.setup(device)
     device = distributed.process_device(device)
     config.check()
+    spec.check()
     precision = pick_precision(config.precision, device)
 
     paths = [data_path] if isinstance(data_path, str) else list(data_path)

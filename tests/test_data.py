@@ -1,10 +1,14 @@
+import json
+
 import h5py
 import numpy as np
 import pytest
 import torch
 
 from convgru_cli import data
+from convgru_cli.datafiles import inspect_file
 from convgru_cli.errors import UserError
+from convgru_cli.synth import font_glyphs, moving_digits
 from tests.conftest import write_h5
 
 
@@ -124,3 +128,28 @@ def test_dataset_problems_are_user_errors(tmp_path):
     frames = _frames(path, dataset="frames")
     with pytest.raises(UserError, match="fewer than the 6 needed"):
         data.windows(frames, 6, 1)
+
+
+def test_digits_move_inside_frames_barely_larger_than_a_digit():
+    for size in (28, 29, 30, 31):
+        sequences = moving_digits(4, 12, font_glyphs(), size=size, digits=1, seed=size)
+        assert sequences.shape == (4, 12, size, size) and sequences.max() > 0
+
+
+def test_a_file_name_with_brackets_is_that_file_not_a_pattern(tmp_path):
+    named = tmp_path / "obs[1].h5"
+    named.write_bytes(b"")
+    assert data.expand_paths([str(named)]) == [str(named)]
+    assert data.expand_paths([str(tmp_path / "obs*.h5")]) == [str(named)]
+    with pytest.raises(UserError, match="matches no file"):
+        data.expand_paths([str(tmp_path / "radar-[0-9].h5")])
+
+
+def test_inspect_reports_byte_string_attributes_as_text_and_checks_the_window(tmp_path):
+    path = write_h5(tmp_path / "d.h5", np.zeros((2, 6, 8, 8), np.uint8))
+    with h5py.File(path, "a") as file:
+        file.attrs["names"] = np.array([b"reflectivity", b"mask"])
+    report = inspect_file(path, 3, 2)
+    assert json.loads(json.dumps(report))["attributes"]["names"] == ["reflectivity", "mask"]
+    with pytest.raises(UserError, match="--stride 0"):
+        inspect_file(path, 3, 2, stride=0)
