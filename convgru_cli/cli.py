@@ -145,10 +145,21 @@ def _merge_config(ctx: typer.Context, path: str | None) -> dict:
         raise UserError(f"--config {path}: cannot read ({error.strerror})") from None
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"--config {path}: not valid TOML ({error})") from None
+    parameters = {parameter.name: parameter for parameter in ctx.command.params}
     for key, value in from_file.items():
         name = key.replace("-", "_")
         if name not in options or name in NOT_IN_CONFIG:
             raise UserError(f"--config {path}: unknown train option {key!r}")
+        parameter = parameters[name]
+        single = parameter.nargs == 1 and not parameter.multiple
+        if isinstance(value, list) and single:
+            value = ",".join(str(item) for item in value)  # clip = [0, 200], as --clip 0,200
+        elif isinstance(value, str) and not single:
+            value = [value]  # data = "radar.h5"
+        try:
+            value = parameter.process_value(ctx, value)  # the checks the command line gets
+        except typer.BadParameter as error:
+            raise UserError(f"--config {path}: {key} = {value!r}: {error.message}") from None
         source = ctx.get_parameter_source(name)
         if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
             options[name] = value

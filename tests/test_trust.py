@@ -55,6 +55,19 @@ def test_config_file_with_command_line_overrides_and_repeat(run, tmp_path):
     config.write_text("epoch = 3\n")
     bad = runner.invoke(app, ["train", "--config", str(config)])
     assert bad.exit_code == 2 and "unknown train option 'epoch'" in bad.stderr
+    config.write_text('batch-size = "two"\n')  # checked as the command line checks --batch-size
+    bad = runner.invoke(app, ["train", "--config", str(config)])
+    assert (
+        bad.exit_code == 2 and bad.stderr.startswith("convgru: error: --config") and "batch-size = 'two'" in bad.stderr
+    )
+    assert len(bad.stderr.strip().splitlines()) == 1
+    config.write_text(  # a TOML array where the command line takes a comma list
+        f'data = "{run / "data.h5"}"\ninput-frames = 3\noutput-frames = 3\nbatch_size = 4\nepochs = 1\n'
+        'device = "cpu"\nclip = [0, 200]\n'
+    )
+    clipped = runner.invoke(app, ["train", "--config", str(config), "--out", str(tmp_path / "c")])
+    assert clipped.exit_code == 0, clipped.output
+    assert list(checkpoint.load(str(tmp_path / "c" / "last.pt"))["data_spec"]["clip"]) == [0.0, 200.0]
 
 
 def test_patience_stops_early(digits_file, tmp_path, monkeypatch):
