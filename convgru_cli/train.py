@@ -58,6 +58,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.lr <= 0:
             raise UserError("--lr must be positive")
+        if self.grad_clip < 0:
+            raise UserError(f"--grad-clip {self.grad_clip:g}: must not be negative (0: no clipping)")
         if self.loss not in LOSSES:
             raise UserError(f"--loss {self.loss}: choose one of {', '.join(LOSSES)}")
         if len(self.balance_weights) != len(self.balance_thresholds) + 1:
@@ -363,8 +365,9 @@ def _fit(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                if config.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 with _signals_held():  # a checkpoint never holds the new weights with the old step count
                     scaler.step(optimizer)
                     scaler.update()

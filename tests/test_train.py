@@ -281,3 +281,14 @@ def test_devices_that_are_not_here_are_user_errors(monkeypatch):
     assert device.pick_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(UserError, match="--device cuda:7: this machine has 2 CUDA device"):
         device.pick_device("cuda:7")
+
+
+def test_grad_clip_zero_means_no_clipping(digits_file, tmp_path):
+    unclipped = _run(digits_file, tmp_path / "zero", epochs=1, grad_clip=0.0)
+    huge = _run(digits_file, tmp_path / "huge", epochs=1, grad_clip=1e12)
+    a = checkpoint.load(unclipped["last_checkpoint"])["model"]
+    b = checkpoint.load(huge["last_checkpoint"])["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+    with pytest.raises(UserError, match="--grad-clip -1"):
+        _run(digits_file, tmp_path / "negative", grad_clip=-1.0)
