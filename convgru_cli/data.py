@@ -336,8 +336,15 @@ def open_frames(
     mask_dataset: str | None = None,
 ) -> Frames | FrameSet:
     """One file, or several (shell globs expanded here too, for configs and quoted patterns), as frames."""
+    names = expand_paths(paths)
+    if cache is None and len(names) > 1:  # in memory only if all of them fit together
+        total = 0
+        for name in names:
+            with open_hdf5(name) as file:
+                total += file[pick_dataset(file, dataset, mask_dataset)].nbytes
+        cache = total <= CACHE_BYTES
     parts = []
-    for name in expand_paths(paths):
+    for name in names:
         with open_hdf5(name) as file:
             parts.append(
                 Frames(file, pick_dataset(file, dataset, mask_dataset), layout, cache, nan_policy, mask_dataset)

@@ -153,3 +153,12 @@ def test_inspect_reports_byte_string_attributes_as_text_and_checks_the_window(tm
     assert json.loads(json.dumps(report))["attributes"]["names"] == ["reflectivity", "mask"]
     with pytest.raises(UserError, match="--stride 0"):
         inspect_file(path, 3, 2, stride=0)
+
+
+def test_several_files_are_held_in_memory_only_if_all_fit_together(tmp_path, monkeypatch):
+    files = [write_h5(tmp_path / f"d{i}.h5", np.zeros((4, 6, 8, 8), np.uint8)) for i in range(3)]  # 1,536 B each
+    monkeypatch.setattr(data, "CACHE_BYTES", 4000)
+    assert data.open_frames(files[:1], None).in_memory
+    assert data.open_frames(files[:2], None).in_memory
+    assert not data.open_frames(files, None).in_memory
+    assert data.open_frames(files, None, cache=True).in_memory
