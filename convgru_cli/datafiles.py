@@ -90,8 +90,13 @@ def import_array(source: str, output: str, layout: str, dataset: str = "frames",
         raise UserError(f"{source}: a .npz archive; save the array alone with numpy.save (.npy)")
     layout = data.resolve_layout(array.shape, layout, source)
     sizes = dict(zip(layout, array.shape, strict=True))
-    # One chunk per sequence (a window reads one chunk), or per frame for a long series.
-    chunks = tuple(1 if axis == "N" or (axis == "T" and "N" not in layout) else size for axis, size in sizes.items())
+    # A chunk holds up to 20 frames of one sequence (a Moving MNIST window reads one chunk, a window of a long
+    # sequence two, not the whole sequence), or one frame of a long series.
+    series = "N" not in layout
+    chunks = tuple(
+        1 if axis == "N" or (axis == "T" and series) else min(size, 20) if axis == "T" else size
+        for axis, size in sizes.items()
+    )
     with atomic_path(output, force) as temporary, h5py.File(temporary, "w") as file:
         target = file.create_dataset(
             dataset, shape=array.shape, dtype=array.dtype, chunks=chunks, compression="gzip", shuffle=True

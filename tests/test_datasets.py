@@ -212,8 +212,15 @@ def test_import_numpy_moving_mnist_order(tmp_path):
         frames = data.Frames(file, "frames")
         assert frames.layout == "TNHW" and frames.sequences == 8
         np.testing.assert_array_equal(frames.read(3, 1, 4)[:, 0], DIGITS[3, 1:5])
+    with h5py.File(tmp_path / "m.h5") as file:
+        assert file["frames"].chunks == (6, 1, 32, 32)  # one chunk per sequence: its 6 frames
     bad = runner.invoke(app, ["data", "import", str(source), str(tmp_path / "x.h5"), "--layout", "NTCHW"])
     assert bad.exit_code == 2 and "layout NTCHW has 5 axes" in bad.stderr
+    long = tmp_path / "long.npy"
+    np.save(long, np.zeros((2, 100, 8, 8), np.float32))  # long sequences: a window must not read all of one
+    assert runner.invoke(app, ["data", "import", str(long), str(tmp_path / "l.h5"), "--layout", "NTHW"]).exit_code == 0
+    with h5py.File(tmp_path / "l.h5") as file:
+        assert file["frames"].chunks == (1, 20, 8, 8)
 
 
 def _peak_training_memory_mb(path, run_dir) -> float:
