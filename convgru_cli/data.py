@@ -358,7 +358,8 @@ def windows(frames: Frames | FrameSet, length: int, stride: int) -> list[tuple[i
     if not found:
         raise UserError(
             f"{frames.label}: sequences have {frames.steps} frames, fewer than the {length} needed "
-            "(input frames + output frames); lower --input-frames/--output-frames"
+            f"(input frames + output frames); lower --input-frames/--output-frames, or give --layout if "
+            f"{frames.layout} is not how the data is stored"
         )
     return found
 

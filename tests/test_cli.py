@@ -204,6 +204,7 @@ def _bad_inputs(tmp_path, trained):
         (["train", data, "--dataset", "nope"], "no dataset 'nope'"),
         (["train", flat], "not a frame sequence"),
         (["train", short, *TRAIN], "fewer than the 6 needed"),
+        (["train", short, *TRAIN], "give --layout if NTHW is not how the data is stored"),
         (["train", data, "--device", "tpu"], "--device tpu"),
         (["train", data, "--loss", "l3"], "--loss l3"),
         (["train", data, "--arch", "big"], "--arch"),
