@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from convgru_cli import baselines, evaluate, pictures
 from convgru_cli.cli import app
+from convgru_cli.motion import motion_field
 from tests.conftest import write_h5
 
 runner = CliRunner()
@@ -30,7 +31,7 @@ def test_persistence_holds_the_last_frame():
 
 
 def test_motion_field_finds_a_known_shift():
-    motion = baselines.motion_field(_translating()[:, :4])
+    motion = motion_field(_translating()[:, :4])
     centre = motion[0, :, 12:36, 12:36]
     assert centre[0].median().item() == pytest.approx(2, abs=0.3)
     assert centre[1].median().item() == pytest.approx(3, abs=0.3)
@@ -39,7 +40,7 @@ def test_motion_field_finds_a_known_shift():
 def test_motion_field_keeps_empty_regions_still():
     frames = torch.zeros(1, 4, 1, 48, 48)
     frames[:, :, :, 2:8, 2:8] = 1  # a still square in one corner, nothing else
-    motion = baselines.motion_field(frames)
+    motion = motion_field(frames)
     assert motion.abs().max().item() == 0  # not the first shift tried, wherever every shift costs the same
 
 
