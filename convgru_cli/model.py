@@ -17,8 +17,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from convgru_cli.errors import UserError
+from convgru_cli.motion import advect, departure_points, motion_field, sample, trace_back, warp
 
 CELLS = ("convgru", "convgru-textbook", "convlstm")
+# "anchored": each output frame is the previous one carried along a motion field plus a correction, both
+# predicted on top of a classical motion estimate; "shi": Shi et al.'s forecaster, which redraws every frame
+# from hidden state.
+FORECASTERS = ("anchored", "shi")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class ModelConfig:
     input_kernel: int = 3
     hidden_kernel: int = 5
     activation: str = "leaky"
+    forecaster: str = "anchored"
 
     def __post_init__(self) -> None:
         levels = len(self.hidden)
@@ -49,6 +55,10 @@ class ModelConfig:
             raise UserError("model config: hidden, strides, down_kernels and up_kernels need one entry per level")
         if self.cell not in CELLS:
             raise UserError(f"model config: unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
+        if self.forecaster not in FORECASTERS:
+            raise UserError(
+                f"model config: unknown forecaster {self.forecaster!r}; choose one of {', '.join(FORECASTERS)}"
+            )
         if self.activation not in ("tanh", "leaky"):
             raise UserError(f"model config: unknown activation {self.activation!r}; choose tanh or leaky")
 
@@ -71,10 +81,15 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def anchored(self) -> bool:
+        return self.forecaster == "anchored"
+
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         known = {f for f in cls.__dataclass_fields__}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        values.setdefault("forecaster", "shi")  # checkpoints from before the anchored forecaster
         return cls(**values)
 
 
@@ -102,10 +117,10 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
-def make_config(arch: str, channels: int, cell: str = "convgru") -> ModelConfig:
+def make_config(arch: str, channels: int, cell: str = "convgru", forecaster: str = "anchored") -> ModelConfig:
     if arch not in ARCHITECTURES:
         raise UserError(f"--arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    return ModelConfig(channels=channels, cell=cell, **ARCHITECTURES[arch])
+    return ModelConfig(channels=channels, cell=cell, forecaster=forecaster, **ARCHITECTURES[arch])
 
 
 def _activation(name: str, x: Tensor) -> Tensor:
@@ -252,14 +267,26 @@ class EncoderForecaster(nn.Module):
             self.down.append(nn.Conv2d(source, below[i], c.down_kernels[i], c.strides[i], padding))
             cell_args = (c.cell, c.input_kernel, c.hidden_kernel, c.activation)
             self.encoder_cells.append(ConvRNNCell(below[i], c.hidden[i], *cell_args))
-            # The coarsest forecaster cell takes no input: it is driven by its state alone.
-            forecaster_input = 0 if i == levels - 1 else c.hidden[i]
-            self.forecaster_cells.append(ConvRNNCell(forecaster_input, c.hidden[i], *cell_args))
+            # Shi's coarsest forecaster cell takes no input: it is driven by its state alone. Anchored, the finest
+            # cell also reads the extrapolated frames (through ``guide``), so it sees where the rain is carried.
+            takes_input = i < levels - 1 or (i == 0 and c.anchored)
+            self.forecaster_cells.append(ConvRNNCell(c.hidden[i] if takes_input else 0, c.hidden[i], *cell_args))
             padding, extra = _same_padding(c.up_kernels[i], c.strides[i])
             self.up.append(nn.ConvTranspose2d(c.hidden[i], below[i], c.up_kernels[i], c.strides[i], padding, extra))
-        self.head = nn.Conv2d(c.stem_channels, in_channels, 1)
+        # Anchored, the head also emits the change of motion (dy, dx) per pixel beside the correction of each channel.
+        outputs = c.channels + 2 if c.anchored else c.channels
+        self.head = nn.Conv2d(c.stem_channels, outputs * c.patch**2, 1)
         # After un-folding the patches, one full-resolution convolution smooths the block edges.
-        self.refine = nn.Conv2d(c.channels, c.channels, 3, padding=1) if c.patch > 1 else None
+        self.refine = nn.Conv2d(outputs, outputs, 3, padding=1) if c.patch > 1 else None
+        self.guide = None
+        if c.anchored:
+            padding, _ = _same_padding(c.down_kernels[0], c.strides[0])
+            self.guide = nn.Conv2d(in_channels, c.hidden[0], c.down_kernels[0], c.strides[0], padding)
+            # A zero correction and a zero change of motion: untrained, the model extrapolates.
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+            if self.refine is not None:
+                nn.init.zeros_(self.refine.bias)
         self.to(memory_format=torch.channels_last)
 
     def encode(self, inputs: Tensor) -> list[Tensor]:
@@ -274,10 +301,15 @@ class EncoderForecaster(nn.Module):
             states.append(state)
         return states
 
-    def forecast(self, states: list[Tensor], frames: int) -> Tensor:
+    def forecast(self, states: list[Tensor], frames: int, guide: Tensor | None = None) -> Tensor:
+        """Unrolls the forecaster from the encoder's ``states``; ``guide`` ([frames*batch, C, H, W], time-major),
+        where given, is added to the finest cell's input."""
         batch = states[0].shape[0]
         x = None
         for level in reversed(range(len(states))):
+            if level == 0 and guide is not None:
+                guided = self._convolve(self.guide, list(guide.split(batch)))
+                x = guided if x is None else x + guided
             outputs, _ = self._unroll(self.forecaster_cells[level], x, states[level], frames)
             x = self._convolve(self.up[level], outputs)
         y = self.head(x)
@@ -327,7 +359,39 @@ class EncoderForecaster(nn.Module):
     def forward(self, inputs: Tensor, frames: int) -> Tensor:
         """inputs: [B, T_in, C, H, W] normalised frames; returns [B, frames, C, H, W]."""
         self.config.check_frame_size(*inputs.shape[-2:])
-        return self.forecast(self.encode(inputs), frames)
+        states = self.encode(inputs)
+        if not self.config.anchored:
+            return self.forecast(states, frames)
+        last = inputs[:, -1].float()
+        with torch.no_grad():
+            motion = _estimate_motion(inputs)
+            extrapolated = advect(last, motion, frames).transpose(0, 1)  # time-major, as the forecaster runs
+        if self.config.patch > 1:
+            extrapolated = F.pixel_unshuffle(extrapolated, self.config.patch)
+        guide = extrapolated.flatten(0, 1).to(inputs.dtype).contiguous(memory_format=torch.channels_last)
+        return anchor(last, motion, self.forecast(states, frames, guide))
+
+
+# The search over displacements is a long Python loop of small operations: compiling it buys nothing.
+_estimate_motion = torch.compiler.disable(motion_field)
+
+
+def anchor(last: Tensor, motion: Tensor, outputs: Tensor) -> Tensor:
+    """The forecast from the last observed frame ``last`` [B, C, H, W], the estimated ``motion`` [B, 2, H, W]
+    and the forecaster's ``outputs`` [B, frames, 2 + C, H, W] (change of motion, correction): lead t is
+    ``last`` carried along the motion so far (sampled once, as extrapolation is) plus the corrections so far,
+    each carried along with the rain since it was made. Zero outputs give the extrapolation of ``last``."""
+    with torch.autocast(last.device.type, enabled=False):
+        outputs = outputs.float()
+        displacement = torch.zeros_like(motion)
+        correction = torch.zeros_like(last)
+        forecast = []
+        for step in outputs.unbind(1):
+            step_motion = motion + step[:, :2]
+            displacement = trace_back(displacement, step_motion)
+            correction = warp(correction, step_motion) + step[:, 2:]
+            forecast.append(sample(last, departure_points(displacement)) + correction)
+        return torch.stack(forecast, dim=1)
 
 
 def count_parameters(model: nn.Module) -> int:

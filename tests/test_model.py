@@ -5,7 +5,17 @@ import torch
 import torch.nn.functional as F
 
 from convgru_cli.errors import UserError
-from convgru_cli.model import ARCHITECTURES, CELLS, ConvRNNCell, EncoderForecaster, ModelConfig, make_config
+from convgru_cli.model import (
+    ARCHITECTURES,
+    CELLS,
+    FORECASTERS,
+    ConvRNNCell,
+    EncoderForecaster,
+    ModelConfig,
+    anchor,
+    make_config,
+)
+from convgru_cli.motion import advect, motion_field
 
 
 def _gate_convs(conv, gates):
@@ -80,12 +90,21 @@ def test_zero_state_shortcut_equals_convolving_zeros(kind):
     torch.testing.assert_close(cell.step(x_gates, zeros, state_is_zero=True), cell.step(x_gates, zeros))
 
 
+def _live(model: EncoderForecaster) -> EncoderForecaster:
+    """The anchored forecaster's head starts at zero (the model extrapolates); give it weights, as training
+    does, so that every layer shapes the forecast and its gradients."""
+    if model.config.anchored:
+        torch.nn.init.normal_(model.head.weight, std=0.05)
+    return model
+
+
+@pytest.mark.parametrize("forecaster", FORECASTERS)
 @pytest.mark.parametrize("cell", ["convgru", "convlstm"])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_only_the_encoders_first_step_skips_its_hidden_convolution(cell, recompute, monkeypatch):
+def test_only_the_encoders_first_step_skips_its_hidden_convolution(cell, recompute, forecaster, monkeypatch):
     """Same forecast and gradients as convolving every state, with one hidden convolution fewer per level."""
     torch.manual_seed(0)
-    model = EncoderForecaster(make_config("shi-mnist", 1, cell), recompute=recompute)
+    model = _live(EncoderForecaster(make_config("shi-mnist", 1, cell, forecaster), recompute=recompute))
     x, levels = torch.randn(2, 4, 1, 16, 16), len(model.encoder_cells)
     convolved = []
     for module in model.modules():
@@ -120,12 +139,13 @@ def test_shapes_through_the_stack(arch, size, channels, cell):
     assert out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("forecaster", FORECASTERS)
 @pytest.mark.parametrize(("arch", "size"), [("shi-mnist", 16), ("fast", 32)])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_each_sequence_of_a_batch_is_forecast_on_its_own(arch, size, recompute):
+def test_each_sequence_of_a_batch_is_forecast_on_its_own(arch, size, recompute, forecaster):
     """Inside the model the frames of all steps share the batch axis; no sequence may see another's frames."""
     torch.manual_seed(0)
-    model = EncoderForecaster(make_config(arch, 1), recompute=recompute)
+    model = _live(EncoderForecaster(make_config(arch, 1, forecaster=forecaster), recompute=recompute))
     x = torch.randn(3, 4, 1, size, size)
     together = model(x, 3)
     alone = torch.cat([model(x[i : i + 1], 3) for i in range(3)])
@@ -147,9 +167,10 @@ def test_frame_size_that_does_not_fit_is_a_clear_error():
         model(torch.randn(1, 2, 1, 30, 32), 1)
 
 
-def test_bf16_autocast_close_to_fp32():
+@pytest.mark.parametrize("forecaster", FORECASTERS)
+def test_bf16_autocast_close_to_fp32(forecaster):
     torch.manual_seed(0)
-    model = EncoderForecaster(make_config("fast", 1)).eval()
+    model = _live(EncoderForecaster(make_config("fast", 1, forecaster=forecaster))).eval()
     x = torch.randn(2, 5, 1, 32, 32)
     with torch.no_grad():
         reference = model(x, 5)
@@ -160,11 +181,12 @@ def test_bf16_autocast_close_to_fp32():
     assert relative < 1e-2
 
 
+@pytest.mark.parametrize("forecaster", FORECASTERS)
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("low_precision", [False, True])
-def test_recompute_gives_the_same_gradients_and_keeps_less(cell, low_precision):
+def test_recompute_gives_the_same_gradients_and_keeps_less(cell, low_precision, forecaster):
     torch.manual_seed(0)
-    plain = EncoderForecaster(make_config("shi-mnist", 1, cell))
+    plain = _live(EncoderForecaster(make_config("shi-mnist", 1, cell, forecaster)))
     recomputed = copy.deepcopy(plain)
     recomputed.recompute = True
     x, y = torch.randn(2, 4, 1, 32, 32), torch.randn(2, 3, 1, 32, 32)
@@ -194,7 +216,7 @@ def test_recompute_gives_the_same_gradients_and_keeps_less(cell, low_precision):
 
 def test_channels_last_input_gives_the_same_forecast():
     torch.manual_seed(0)
-    model = EncoderForecaster(make_config("fast", 1)).eval()
+    model = _live(EncoderForecaster(make_config("fast", 1))).eval()
     x = torch.randn(2, 4, 1, 32, 32)
     with torch.no_grad():
         plain = model(x, 3)
@@ -213,3 +235,49 @@ def test_unknown_arch_and_cell_are_user_errors():
         make_config("nope", 1)
     with pytest.raises(UserError, match="unknown cell"):
         make_config("fast", 1, "gru")
+
+
+def _moving_blob(steps: int, velocity: tuple[float, float], size: int = 64) -> torch.Tensor:
+    """A smooth blob moving at ``velocity`` (dy, dx) pixels per step: [1, steps, 1, size, size]."""
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
+    frames = [
+        torch.exp(-((ys - 20 - velocity[0] * t) ** 2 + (xs - 16 - velocity[1] * t) ** 2) / 40) for t in range(steps)
+    ]
+    return torch.stack(frames)[None, :, None]
+
+
+@pytest.mark.parametrize("arch", ["fast", "shi-mnist"])
+def test_untrained_anchored_forecaster_extrapolates_the_last_frame(arch):
+    """With its zero correction and zero change of motion, the model is semi-Lagrangian extrapolation of the
+    last observation along the estimated motion, and so forecasts a moving blob where it goes."""
+    sequence = _moving_blob(10, (1.0, 3.0))
+    inputs, truth = sequence[:, :5], sequence[:, 5:]
+    model = EncoderForecaster(make_config(arch, 1)).eval()
+    with torch.no_grad():
+        forecast = model(inputs, 5)
+    torch.testing.assert_close(forecast, advect(inputs[:, -1], motion_field(inputs), 5))
+    persistence_error = (inputs[:, -1:] - truth).abs().max()
+    assert (forecast - truth).abs().max() < 0.05 * persistence_error  # interpolation error only
+
+
+def test_anchor_adds_corrections_that_travel_with_the_rain():
+    last = torch.zeros(1, 1, 32, 32)
+    motion = torch.zeros(1, 2, 32, 32)
+    motion[:, 1] = 2.0  # everything moves 2 pixels to the right per step
+    outputs = torch.zeros(1, 3, 3, 32, 32)
+    outputs[0, 0, 2, 10, 10] = 1.0  # a new cell at lead 1 ...
+    outputs[0, 1:, 1] = 1.0  # ... and from lead 2 on, one pixel more to the right per step
+    forecast = anchor(last, motion, outputs)
+    assert forecast[0, 0, 0, 10, 10] == 1.0
+    assert forecast[0, 1, 0, 10, 13] == pytest.approx(1.0)  # carried along 2 + 1 pixels
+    assert forecast[0, 2, 0, 10, 16] == pytest.approx(1.0)
+    assert forecast.sum(dim=(2, 3, 4))[0].tolist() == pytest.approx([1.0, 1.0, 1.0])  # nothing lost or made
+
+
+def test_checkpoints_from_before_the_anchored_forecaster_rebuild_shis():
+    saved = make_config("fast", 1, forecaster="shi").to_dict()
+    del saved["forecaster"]
+    assert ModelConfig.from_dict(saved).forecaster == "shi"
+    assert make_config("fast", 1).forecaster == "anchored"
