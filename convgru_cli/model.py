@@ -19,7 +19,9 @@ from torch.utils.checkpoint import checkpoint
 from convgru_cli.errors import UserError
 from convgru_cli.motion import advect, departure_points, motion_field, sample, trace_back, warp
 
-CELLS = ("convgru", "convgru-textbook", "convlstm")
+CELLS = ("convgru", "convgru-textbook", "convlstm", "trajgru")
+TRAJGRU_LINKS = 13  # L, the flow fields each TrajGRU state follows (Shi et al. 2017: 13 at the finer levels)
+TRAJGRU_FLOW_FEATURES = 32  # channels of the small network that emits them
 # "anchored": each output frame is the previous one carried along a motion field plus a correction, both
 # predicted on top of a classical motion estimate; "shi": Shi et al.'s forecaster, which redraws every frame
 # from hidden state.
@@ -134,13 +136,15 @@ def _same_padding(kernel: int, stride: int) -> tuple[int, int]:
 
 
 class ConvRNNCell(nn.Module):
-    """ConvGRU (nn.GRU form, the default), its textbook variant, or ConvLSTM.
+    """ConvGRU (nn.GRU form, the default), its textbook variant, ConvLSTM, or TrajGRU.
 
     The input convolution is separate from the step so that callers can run it over all time steps at once;
     ``step`` then does one hidden-state convolution per time step.
     ConvGRU:  r = σ(Wr*x + Rr*h), u = σ(Wu*x + Ru*h), n = f(Wn*x + r ⊙ (Rn*h)), h' = u ⊙ h + (1 − u) ⊙ n.
     Textbook: as above but n = f(Wn*x + Rn*(r ⊙ h)), with the same weights and a third convolution per step.
     ConvLSTM: i, f, g, o from Wx*x + Rh*h; c' = f ⊙ c + i ⊙ g, h' = o ⊙ tanh(c'); state is [h, c] on channels.
+    TrajGRU (Shi et al. 2017): as ConvGRU, but the state's contribution is a 1x1 convolution of h warped along
+    L flow fields, which a small network emits from x and h: the transition follows the motion.
     """
 
     def __init__(
@@ -151,10 +155,19 @@ class ConvRNNCell(nn.Module):
         self.cell = cell
         self.activation = activation
         gates = 4 if cell == "convlstm" else 3
+        # TrajGRU's flow network reads x through the same input convolution, on channels of its own.
+        flow_inputs = TRAJGRU_FLOW_FEATURES if cell == "trajgru" else 0
         self.input_conv = (
-            nn.Conv2d(in_channels, gates * hidden, input_kernel, padding=input_kernel // 2) if in_channels else None
+            nn.Conv2d(in_channels, gates * hidden + flow_inputs, input_kernel, padding=input_kernel // 2)
+            if in_channels
+            else None
         )
-        self.hidden_conv = nn.Conv2d(hidden, gates * hidden, hidden_kernel, padding=hidden_kernel // 2)
+        if cell == "trajgru":
+            self.flow_hidden = nn.Conv2d(hidden, TRAJGRU_FLOW_FEATURES, 5, padding=2)
+            self.flow_out = nn.Conv2d(TRAJGRU_FLOW_FEATURES, 2 * TRAJGRU_LINKS, 5, padding=2)
+            self.hidden_conv = nn.Conv2d(TRAJGRU_LINKS * hidden, gates * hidden, 1)
+        else:
+            self.hidden_conv = nn.Conv2d(hidden, gates * hidden, hidden_kernel, padding=hidden_kernel // 2)
 
     @property
     def state_channels(self) -> int:
@@ -176,7 +189,16 @@ class ConvRNNCell(nn.Module):
             return self._lstm_step(x_gates, state, state_is_zero)
         h = state
         split = [2 * self.hidden, self.hidden]
-        if self.cell == "convgru":
+        if self.cell == "trajgru":
+            flow_inputs = None
+            if x_gates is not None:
+                x_gates, flow_inputs = x_gates.split([3 * self.hidden, TRAJGRU_FLOW_FEATURES], dim=1)
+            h_gates = self._trajectory_gates(h, flow_inputs, state_is_zero)
+            h_ru, h_new = h_gates.split(split, dim=1)
+            x_ru, x_new = (0.0, 0.0) if x_gates is None else x_gates.split(split, dim=1)
+            r, u = torch.sigmoid(h_ru + x_ru).chunk(2, dim=1)
+            candidate = r * h_new + x_new
+        elif self.cell == "convgru":
             # Split rather than sliced, addcmul and lerp rather than separate products: fewer full-size
             # temporaries, and the backward pass joins the gate gradients with one concatenation instead of
             # adding up zero-filled slices.
@@ -205,6 +227,20 @@ class ConvRNNCell(nn.Module):
         if state_is_zero:
             return self.hidden_conv.bias.float().view(1, -1, 1, 1)
         return self.hidden_conv(h).float()
+
+    def _trajectory_gates(self, h: Tensor, flow_inputs: Tensor | None, state_is_zero: bool) -> Tensor:
+        """TrajGRU's state contribution: h warped along the L emitted flow fields, joined by a 1x1 convolution."""
+        if state_is_zero:
+            return self.hidden_conv.bias.float().view(1, -1, 1, 1)
+        features = self.flow_hidden(h)
+        if flow_inputs is not None:
+            features = features + flow_inputs
+        flows = self.flow_out(F.leaky_relu(features, 0.2)).float()  # [B, 2L, H, W]
+        batch, channels, height, width = h.shape
+        links = flows.shape[1] // 2
+        repeated = h.float().repeat_interleave(links, dim=0)  # [B*L, C, H, W], link-minor
+        warped = warp(repeated, flows.reshape(batch * links, 2, height, width))
+        return self.hidden_conv(warped.reshape(batch, links * channels, height, width).to(h.dtype)).float()
 
     def _lstm_step(self, x_gates: Tensor | None, state: Tensor, state_is_zero: bool) -> Tensor:
         h, c = state.chunk(2, dim=1)

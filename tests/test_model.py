@@ -281,3 +281,43 @@ def test_checkpoints_from_before_the_anchored_forecaster_rebuild_shis():
     del saved["forecaster"]
     assert ModelConfig.from_dict(saved).forecaster == "shi"
     assert make_config("fast", 1).forecaster == "anchored"
+
+
+def _reference_trajgru_step(cell: ConvRNNCell, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """TrajGRU written out from Shi et al. 2017, one link and one gate at a time:
+    z = σ(Wxz*x + Σ_l Whz^l*warp(h, f_l)), r likewise, h~ = f(Wxh*x + r ⊙ Σ_l Whh^l*warp(h, f_l)),
+    h' = (1 − z) ⊙ h~ + z ⊙ h, with the flows f_l = γ(x, h)."""
+    hidden, links = cell.hidden, cell.flow_out.out_channels // 2
+    w_in, b_in = cell.input_conv.weight, cell.input_conv.bias
+    pad = cell.input_conv.padding
+    x_r, x_z, x_h, x_flow = (
+        torch.nn.functional.conv2d(x, w_in[k], b_in[k], padding=pad)
+        for k in (slice(0, hidden), slice(hidden, 2 * hidden), slice(2 * hidden, 3 * hidden), slice(3 * hidden, None))
+    )
+    features = torch.nn.functional.leaky_relu(cell.flow_hidden(h) + x_flow, 0.2)
+    flows = cell.flow_out(features)
+    height, width = h.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
+    w_h, b_h = cell.hidden_conv.weight[:, :, 0, 0], cell.hidden_conv.bias
+    totals = [b_h[k * hidden : (k + 1) * hidden].view(1, -1, 1, 1) for k in range(3)]
+    for link in range(links):
+        dy, dx = flows[:, 2 * link], flows[:, 2 * link + 1]
+        grid = torch.stack([2 * (xs - dx) / (width - 1) - 1, 2 * (ys - dy) / (height - 1) - 1], dim=-1)
+        warped = torch.nn.functional.grid_sample(h, grid, padding_mode="border", align_corners=True)
+        for k in range(3):
+            weight = w_h[k * hidden : (k + 1) * hidden, link * hidden : (link + 1) * hidden]
+            totals[k] = totals[k] + torch.einsum("oc,bchw->bohw", weight, warped)
+    r = torch.sigmoid(x_r + totals[0])
+    z = torch.sigmoid(x_z + totals[1])
+    candidate = torch.nn.functional.leaky_relu(x_h + r * totals[2], 0.2)
+    return (1 - z) * candidate + z * h
+
+
+def test_trajgru_step_equals_the_paper_written_out():
+    torch.manual_seed(0)
+    cell = ConvRNNCell(3, 8, "trajgru", 3, 5, "leaky")
+    torch.nn.init.normal_(cell.flow_out.weight, std=0.3)  # flows that vary over the frame, up to pixels
+    x, h = torch.randn(2, 3, 12, 12), torch.randn(2, 8, 12, 12)
+    step = cell.step(cell.input_gates(x), h)
+    torch.testing.assert_close(step, _reference_trajgru_step(cell, x, h), atol=1e-5, rtol=1e-5)
+    assert _reference_trajgru_step(cell, x, h).sub(h).abs().max() > 0.1  # the step does change the state
