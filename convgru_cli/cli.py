@@ -196,7 +196,13 @@ def train(
         str, typer.Option(help="NaN (no data): mask (out of loss and scores), zero, error.")
     ] = "mask",
     mask_dataset: Annotated[str | None, typer.Option(help="Boolean dataset, True = valid (auto: 'mask').")] = None,
-    log_transform: Annotated[bool, typer.Option(help="Model log(1 + x), e.g. for rain rates.")] = False,
+    transform: Annotated[
+        str,
+        typer.Option(
+            help="Space the model works in: auto, none, db, log or dbz; auto: dB for rain (mm/h, mm), the "
+            "no-echo floor for dBZ, none otherwise."
+        ),
+    ] = "auto",
     clip: Annotated[str | None, typer.Option(help="LOW,HIGH bounds in data units, applied first.")] = None,
     cache: Annotated[str, typer.Option(help="Hold the data in memory: auto (if it fits in 2 GiB), on, off.")] = "auto",
     arch: Annotated[str, typer.Option(help="Architecture: fast, shi-mnist or hko7.")] = "fast",
@@ -261,7 +267,7 @@ def train(
             o["val_fraction"],
             o["nan_policy"],
             o["mask_dataset"],
-            o["log_transform"],
+            o["transform"],
             clip_bounds or None,
         )
         train_config = training.TrainConfig(

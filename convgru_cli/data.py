@@ -23,6 +23,7 @@ from h5py import h5z
 with contextlib.suppress(ImportError):  # where installed, registers Blosc, Zstandard, LZ4, ... with h5py
     import hdf5plugin  # noqa: F401
 
+from convgru_cli import transforms
 from convgru_cli.errors import UserError
 
 LAYOUTS_BY_RANK = {3: "THW", 4: "NTHW", 5: "NTCHW"}
@@ -43,7 +44,7 @@ class DataSpec:
     val_fraction: float = 0.1
     nan_policy: str = "mask"  # NaN is no-data: masked out of loss and scores, set to zero, or refused
     mask_dataset: str | None = None
-    log_transform: bool = False  # model log(1 + x): rain rates span orders of magnitude
+    transform: str = "auto"  # the space the model works in (transforms.py); auto: by the data's units
     clip: tuple[float, float] | None = None  # data-unit bounds applied before anything else
 
     @property
@@ -60,6 +61,18 @@ class DataSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> DataSpec:
+        return cls(**_legacy_transform(saved, default="none"))
+
+
+def _legacy_transform(saved: dict, default: str) -> dict:
+    """Checkpoints from before transforms were named held ``log_transform`` (a bool) instead."""
+    values = dict(saved)
+    legacy = values.pop("log_transform", None)
+    values.setdefault("transform", "log" if legacy else default)
+    return values
 
 
 def open_hdf5(path: str | None) -> h5py.File:
@@ -421,8 +434,12 @@ class Normalisation:
     units: str
     mean_frame: torch.Tensor  # [C, H, W] in data units: the climatology baseline
     nan_fraction: float = 0.0  # share of no-data pixels in the sampled training windows
-    log_transform: bool = False
+    transform: str = "none"
     clip: tuple[float, float] | None = None
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> Normalisation:
+        return cls(**_legacy_transform(saved, default="none"))
 
     @property
     def zero_one_scale(self) -> float | None:
@@ -438,22 +455,20 @@ class Normalisation:
 
     def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch [B, T, C, H, W] of raw frames -> (normalised float32 frames, mask of valid pixels)."""
-        x = self.transform(x.float())
+        x = self.to_model_space(x.float())
         valid = torch.isfinite(x)
         offset, scale = self._broadcast(x)
         return torch.where(valid, (x - offset) / scale, 0.0), valid
 
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        """Data units -> the space the statistics live in (clipped, then log(1 + x) if asked)."""
+    def to_model_space(self, x: torch.Tensor) -> torch.Tensor:
+        """Data units -> the space the statistics live in (clipped, then transformed)."""
         if self.clip:
             x = x.clamp(*self.clip)
-        return torch.log1p(x.clamp(min=0)) if self.log_transform else x
+        return transforms.forward(self.transform, x)
 
     def denormalise(self, x: torch.Tensor) -> torch.Tensor:
         offset, scale = self._broadcast(x)
-        x = x * scale + offset
-        if self.log_transform:
-            x = torch.expm1(x).clamp(min=0)
+        x = transforms.inverse(self.transform, x * scale + offset)
         return x.clamp(*self.clip) if self.clip else x
 
     def _broadcast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -467,7 +482,7 @@ def compute_normalisation(
     frames: Frames,
     train: list[tuple[int, int]],
     length: int,
-    log_transform: bool = False,
+    transform: str = "none",
     clip: tuple[float, float] | None = None,
     samples: int = 512,
 ) -> Normalisation:
@@ -486,7 +501,7 @@ def compute_normalisation(
         valid = np.isfinite(block)
         block = np.where(valid, block, 0.0)
         total += block.sum(axis=0)
-        moved = np.log1p(np.maximum(block, 0)) if log_transform else block
+        moved = np.where(valid, transforms.forward(transform, torch.from_numpy(block)).numpy(), 0.0)
         transformed_total += moved.sum(axis=(0, 2, 3))
         total_sq += (moved**2).sum(axis=(0, 2, 3))
         count += valid.sum(axis=0)
@@ -509,6 +524,6 @@ def compute_normalisation(
         units=frames.units,
         mean_frame=torch.from_numpy(mean_frame).float(),
         nan_fraction=float(1 - count.sum() / (len(train[::step]) * length * count.size)),
-        log_transform=log_transform,
+        transform=transform,
         clip=clip,
     )

@@ -44,8 +44,8 @@ class Forecaster:
         return cls(
             model=model,
             network=compile_for(model, torch_device) if compile else model,
-            normalisation=data.Normalisation(**saved["normalisation"]),
-            spec=data.DataSpec(**saved["data_spec"]),
+            normalisation=data.Normalisation.from_dict(saved["normalisation"]),
+            spec=data.DataSpec.from_dict(saved["data_spec"]),
             device=torch_device,
             precision=pick_precision(precision, torch_device),
             checkpoint_path=path,

@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from convgru_cli import checkpoint, data, distributed
+from convgru_cli import checkpoint, data, distributed, transforms
 from convgru_cli.device import autocast, compile_failure, compile_for, pad_batch, pick_device, pick_precision
 from convgru_cli.errors import UserError
 from convgru_cli.model import EncoderForecaster, ModelConfig, count_parameters
@@ -191,7 +191,7 @@ def resume(data_path: str | list[str], run_dir: str, show_progress: bool = True,
         raise UserError(f"--resume: {', '.join(sorted(unknown))} cannot change in a resumed run")
     saved = checkpoint.load(os.path.join(run_dir, "last.pt"))
     config = TrainConfig(**{**saved["train_config"], **changes})
-    spec = data.DataSpec(**saved["data_spec"])
+    spec = data.DataSpec.from_dict(saved["data_spec"])
     model_config = ModelConfig.from_dict(saved["model_config"])
     return _fit(data_path, spec, model_config, config, run_dir, saved, False, show_progress, None)
 
@@ -216,7 +216,8 @@ def _fit(
 
     paths = [data_path] if isinstance(data_path, str) else list(data_path)
     frames = data.open_frames(paths, spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset)
-    spec = data.DataSpec(**{**spec.to_dict(), "dataset": frames.dataset, "layout": frames.layout})
+    transform = transforms.resolve(spec.transform, frames.units)
+    spec = replace(spec, dataset=frames.dataset, layout=frames.layout, transform=transform)
     train_windows, val_windows = data.split_windows(frames, spec)
     if len(train_windows) < config.batch_size * world:
         raise UserError(
@@ -224,10 +225,14 @@ def _fit(
             f"{'per process ' if world > 1 else ''}in {frames.label}; lower it"
         )
     if saved:
-        normalisation = data.Normalisation(**saved["normalisation"])
+        normalisation = data.Normalisation.from_dict(saved["normalisation"])
     else:
-        normalisation = data.compute_normalisation(frames, train_windows, spec.window, spec.log_transform, spec.clip)
+        normalisation = data.compute_normalisation(frames, train_windows, spec.window, spec.transform, spec.clip)
         model_config = replace(model_config, channels=frames.channels)
+        if rank == 0 and spec.transform != "none":
+            log.info(
+                "%s: modelled in the %r transform of its %s (--transform)", frames.label, spec.transform, frames.units
+            )
         if normalisation.nan_fraction > 0 and rank == 0:
             log.warning(
                 "%s: %.2f%% of the sampled training pixels are NaN (no data); they are left out of the loss "
@@ -361,7 +366,7 @@ def _fit(
                 if not math.isfinite(loss_value):
                     raise UserError(
                         f"training diverged: the loss is {loss_value} at step {progress.step + 1}; "
-                        "lower --lr or check the data (try --log-transform or --clip for heavy-tailed values)"
+                        "lower --lr or check the data (try --transform log or --clip for heavy-tailed values)"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

@@ -134,7 +134,7 @@ def test_log_transform_round_trips_and_statistics_live_in_log_space(tmp_path):
     rain = np.random.default_rng(0).gamma(0.5, 4.0, size=(6, 6, 16, 16)).astype(np.float32)
     with data.open_hdf5(write_h5(tmp_path / "r.h5", rain)) as file:
         frames = data.Frames(file, "frames")
-    norm = data.compute_normalisation(frames, data.windows(frames, 6, 6), 6, log_transform=True, clip=(0, 50))
+    norm = data.compute_normalisation(frames, data.windows(frames, 6, 6), 6, transform="log", clip=(0, 50))
     assert norm.offset[0] == pytest.approx(np.log1p(np.clip(rain, 0, 50)).mean(), rel=1e-4)
     batch = torch.from_numpy(np.clip(rain, 0, 50)).unsqueeze(2)
     normalised, _ = norm.normalise(batch)
@@ -158,7 +158,8 @@ def test_balanced_loss_trains_on_a_series(series_file, tmp_path):
             "1",
             "--loss",
             "balanced",
-            "--log-transform",
+            "--transform",
+            "log",
             "--device",
             "cpu",
             "--val-fraction",
