@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from convgru_cli import __version__
+from convgru_cli.atomic import refuse_existing, stop_on_signal
 from convgru_cli.errors import UserError
-from convgru_cli.files import refuse_existing, stop_on_signal
 
 app = typer.Typer(
     help="Spatiotemporal forecasting with encoder-forecaster ConvGRU stacks.",
@@ -230,8 +230,8 @@ def train(
     and metrics.jsonl into the run directory. `convgru train --config RUN/config.toml` repeats a run."""
     from convgru_cli import device as devices
     from convgru_cli import train as training
-    from convgru_cli.data import DataSpec
     from convgru_cli.model import make_config
+    from convgru_cli.windowing import DataSpec
 
     o = _merge_config(ctx, config)
     if not o["data"]:
@@ -505,7 +505,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Datasets, shapes, dtypes, chunking, compression, value ranges, no-data fraction, layout and windows."""
-    from convgru_cli.datafiles import inspect_file
+    from convgru_cli.inspection import inspect_file
 
     report = inspect_file(file, input_frames, output_frames, stride)
     if as_json:
@@ -544,7 +544,7 @@ def import_(
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a numpy array to HDF5 with its layout recorded, chunked one sequence per chunk."""
-    from convgru_cli.datafiles import import_array
+    from convgru_cli.conversion import import_array
 
     result = import_array(source, output, layout, dataset, force)
     log.info("wrote %s: %s %s", output, result["layout"], "x".join(map(str, result["shape"])))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from convgru_cli.atomic import write_atomically
 from convgru_cli.errors import UserError
-from convgru_cli.files import write_atomically
 
 # Levels in data units and the colour from each level up (light blue through green and yellow to red, purple).
 RADAR_COLOURS = [

@@ -12,8 +12,8 @@ import struct
 import h5py
 import numpy as np
 
+from convgru_cli.atomic import atomic_path
 from convgru_cli.errors import UserError
-from convgru_cli.files import atomic_path
 
 FONT = {
     "0": ".###. #...# #..## #.#.# ##..# #...# .###.",

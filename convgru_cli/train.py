@@ -20,10 +20,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from convgru_cli import checkpoint, data, distributed
+from convgru_cli import checkpoint, distributed
 from convgru_cli.device import autocast, compile_failure, compile_for, pad_batch, pick_device, pick_precision
 from convgru_cli.errors import UserError
 from convgru_cli.model import EncoderForecaster, ModelConfig, count_parameters
+from convgru_cli.normalisation import Normalisation, compute_normalisation
+from convgru_cli.sources import open_frames
+from convgru_cli.windowing import DataSpec, WindowDataset, split_windows
 
 log = logging.getLogger("convgru")
 
@@ -132,7 +135,7 @@ def epoch_batches(windows: int, batch_size: int, seed: int, epoch: int, rank: in
     return [b[rank * batch_size : (rank + 1) * batch_size] for b in batches]
 
 
-def _loader(dataset: data.WindowDataset, batches: list[list[int]], workers: int, device: torch.device):
+def _loader(dataset: WindowDataset, batches: list[list[int]], workers: int, device: torch.device):
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda"
     )
@@ -165,7 +168,7 @@ def new_run_dir(data_path: str) -> str:
 
 def train(
     data_path: str | list[str],
-    spec: data.DataSpec,
+    spec: DataSpec,
     model_config: ModelConfig,
     config: TrainConfig,
     run_dir: str,
@@ -191,14 +194,14 @@ def resume(data_path: str | list[str], run_dir: str, show_progress: bool = True,
         raise UserError(f"--resume: {', '.join(sorted(unknown))} cannot change in a resumed run")
     saved = checkpoint.load(os.path.join(run_dir, "last.pt"))
     config = TrainConfig(**{**saved["train_config"], **changes})
-    spec = data.DataSpec(**saved["data_spec"])
+    spec = DataSpec(**saved["data_spec"])
     model_config = ModelConfig.from_dict(saved["model_config"])
     return _fit(data_path, spec, model_config, config, run_dir, saved, False, show_progress, None)
 
 
 def _fit(
     data_path: str | list[str],
-    spec: data.DataSpec,
+    spec: DataSpec,
     model_config: ModelConfig,
     config: TrainConfig,
     run_dir: str,
@@ -215,18 +218,18 @@ def _fit(
     precision = pick_precision(config.precision, device)
 
     paths = [data_path] if isinstance(data_path, str) else list(data_path)
-    frames = data.open_frames(paths, spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset)
-    spec = data.DataSpec(**{**spec.to_dict(), "dataset": frames.dataset, "layout": frames.layout})
-    train_windows, val_windows = data.split_windows(frames, spec)
+    frames = open_frames(paths, spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset)
+    spec = DataSpec(**{**spec.to_dict(), "dataset": frames.dataset, "layout": frames.layout})
+    train_windows, val_windows = split_windows(frames, spec)
     if len(train_windows) < config.batch_size * world:
         raise UserError(
             f"--batch-size {config.batch_size}: larger than the {len(train_windows)} training windows "
             f"{'per process ' if world > 1 else ''}in {frames.label}; lower it"
         )
     if saved:
-        normalisation = data.Normalisation(**saved["normalisation"])
+        normalisation = Normalisation(**saved["normalisation"])
     else:
-        normalisation = data.compute_normalisation(frames, train_windows, spec.window, spec.log_transform, spec.clip)
+        normalisation = compute_normalisation(frames, train_windows, spec.window, spec.log_transform, spec.clip)
         model_config = replace(model_config, channels=frames.channels)
         if normalisation.nan_fraction > 0 and rank == 0:
             log.warning(
@@ -321,7 +324,7 @@ def _fit(
         )
 
     workers = config.workers if config.workers is not None else (0 if frames.in_memory else 2)
-    train_set = data.WindowDataset(frames, train_windows, spec.window)
+    train_set = WindowDataset(frames, train_windows, spec.window)
     steps_per_epoch = len(epoch_batches(len(train_windows), config.batch_size, 0, 0, 0, world))
     total_steps = steps_per_epoch * config.epochs
     previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -451,7 +454,7 @@ def _fit(
 
 
 def _split(
-    batch: torch.Tensor, normalisation: data.Normalisation, spec: data.DataSpec
+    batch: torch.Tensor, normalisation: Normalisation, spec: DataSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     frames, valid = normalisation.normalise(batch)
     return frames[:, : spec.input_frames], frames[:, spec.input_frames :], valid[:, spec.input_frames :]
@@ -466,7 +469,7 @@ def validate(net, frames, windows, spec, normalisation, config, device, precisio
     mine = windows[rank::world]
     batches = [list(range(i, min(i + config.batch_size, len(mine)))) for i in range(0, len(mine), config.batch_size)]
     total = torch.zeros(2, dtype=torch.float64)  # summed on the CPU: Apple's MPS has no float64
-    for batch in _loader(data.WindowDataset(frames, mine, spec.window), batches, 0, device):
+    for batch in _loader(WindowDataset(frames, mine, spec.window), batches, 0, device):
         batch, count = batch.to(device), len(batch)
         if config.compile:  # the ragged last batch
             batch = pad_batch(batch, config.batch_size)
