@@ -22,8 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 from convgru_cli import __version__
-from convgru_cli.atomic import refuse_existing, stop_on_signal
+from convgru_cli.atomic import refuse_existing
 from convgru_cli.errors import UserError
+from convgru_cli.signals import stop_on_signal
 
 app = typer.Typer(
     help="Spatiotemporal forecasting with encoder-forecaster ConvGRU stacks.",
