@@ -62,16 +62,16 @@ class Forecaster:
         was trained on, before one read off the shape."""
         spec = self.spec
         name = pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None), spec.mask_dataset)
-        source = file[name]
-        if not layout and not text_attribute(source, "layout") and len(spec.layout or "") == source.ndim:
+        stored = file[name]
+        if not layout and not text_attribute(stored, "layout") and len(spec.layout or "") == stored.ndim:
             layout = spec.layout  # a file like the training file, which records no layout, is read the same way
-            if layout != resolve_layout(source.shape, None, name):
+            if layout != resolve_layout(stored.shape, None, name):
                 log.info(
                     "%s: no layout recorded; read as %s, as the model was trained (--layout to change)", name, layout
                 )
-        frames = StackedFrames(file, name, layout, None, spec.nan_policy, mask_in(file, spec.mask_dataset))
-        self.check_frames(frames)
-        return frames
+        source = StackedFrames(file, name, layout, None, spec.nan_policy, mask_in(file, spec.mask_dataset))
+        self.check_frames(source)
+        return source
 
     def check_frames(self, source: FrameSource) -> None:
         config = self.model.config

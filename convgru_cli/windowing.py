@@ -44,6 +44,8 @@ class DataSpec:
             raise UserError(f"--stride {self.stride}: must be at least 1")
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+        if self.clip is not None and (len(self.clip) != 2 or self.clip[0] >= self.clip[1]):
+            raise UserError(f"--clip {','.join(f'{v:g}' for v in self.clip)}: expected LOW,HIGH with LOW < HIGH")
 
     def to_dict(self) -> dict:
         return asdict(self)
