@@ -10,6 +10,7 @@ Rank 0 alone logs and writes; batch size is per process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -191,8 +192,9 @@ class Run:
     def workers(self) -> int:
         return self.config.workers if self.config.workers is not None else (0 if self.source.in_memory else 2)
 
-    @property
+    @functools.cached_property
     def total_steps(self) -> int:
+        """Optimizer steps in the whole run (computed once: it draws an epoch's batches)."""
         steps_per_epoch = len(epoch_batches(len(self.train_windows), self.config.batch_size, 0, 0, 0, self.world))
         return steps_per_epoch * self.config.epochs
 
