@@ -101,18 +101,11 @@ def train(
     from convgru_cli import train as training
     from convgru_cli.model import make_config
 
-    o = options.merge_config(ctx, config)
-    if not o["data"]:
-        raise UserError("no data file: name one, or give 'data' in --config")
-    if isinstance(o["data"], str):
-        o["data"] = [o["data"]]
+    o = options.train_options(ctx, config)
     devices.set_threads(o["threads"])
     show_progress = not settings(ctx).quiet
     if resume:
-        changes = {name: o[name] for name in options.given_on_command_line(ctx) - options.NOT_OF_THE_RUN}
-        if "cache" in changes:
-            changes["cache"] = options.cache_choice(changes["cache"])
-        summary = training.resume(o["data"], resume, show_progress=show_progress, **changes)
+        summary = training.resume(o["data"], resume, show_progress=show_progress, **options.resume_changes(ctx, o))
     else:
         spec, train_config = options.train_configs(o)
         summary = training.train(

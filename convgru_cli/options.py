@@ -99,8 +99,23 @@ def train_configs(options: dict) -> tuple[DataSpec, TrainConfig]:
     return spec, config
 
 
-def given_on_command_line(ctx: typer.Context) -> set[str]:
-    return {name for name in ctx.params if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+def train_options(ctx: typer.Context, config_path: str | None) -> dict:
+    """train's options with the --config file's merged in, naming at least one data file."""
+    options = merge_config(ctx, config_path)
+    if not options["data"]:
+        raise UserError("no data file: name one, or give 'data' in --config")
+    if isinstance(options["data"], str):
+        options["data"] = [options["data"]]
+    return options
+
+
+def resume_changes(ctx: typer.Context, options: dict) -> dict:
+    """The run's options given on the command line with --resume (train.resume says which may change)."""
+    given = {name for name in ctx.params if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+    changes = {name: options[name] for name in given - NOT_OF_THE_RUN}
+    if "cache" in changes:
+        changes["cache"] = cache_choice(changes["cache"])
+    return changes
 
 
 def merge_config(ctx: typer.Context, path: str | None) -> dict:
