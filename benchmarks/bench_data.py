@@ -19,7 +19,7 @@ import time
 import h5py
 import torch
 
-from convgru_cli import data
+from convgru_cli import sources, windowing
 from convgru_cli.device import autocast, pick_precision
 from convgru_cli.model import EncoderForecaster, make_config
 from convgru_cli.synth import font_glyphs, moving_digits
@@ -28,10 +28,10 @@ from convgru_cli.train import epoch_batches
 
 def read_rate(path: str, cache: bool, batch: int, workers: int) -> float:
     with h5py.File(path, "r") as file:
-        frames = data.Frames(file, "frames", cache=cache)
-    windows = data.windows(frames, 20, 1)
+        frames = sources.StackedFrames(file, "frames", cache=cache)
+    windows = windowing.windows(frames, 20, 1)
     loader = torch.utils.data.DataLoader(
-        data.WindowDataset(frames, windows, 20),
+        windowing.WindowDataset(frames, windows, 20),
         batch_sampler=epoch_batches(len(windows), batch, 0, 0, 0, 1),
         num_workers=workers,
     )

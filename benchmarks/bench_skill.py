@@ -23,10 +23,10 @@ import tempfile
 import torch
 
 from convgru_cli import train
-from convgru_cli.data import DataSpec
 from convgru_cli.evaluate import evaluate_file
 from convgru_cli.model import make_config
 from convgru_cli.synth import moving_digits, read_mnist_images, write_sequences
+from convgru_cli.windowing import DataSpec
 
 
 def main() -> None:

@@ -1,18 +1,76 @@
-"""Reference forecasts any model must beat: persistence and optical-flow extrapolation (motion.py)."""
+"""Reference forecasts any model must beat, in a registry by name (as pysteps' ``nowcasts.get_method``).
+
+Every method has one signature, ``(inputs [B, T, C, H, W] raw, frames) -> [B, frames, C, H, W]`` in data units
+with no NaN, and says how many input frames it needs. Adding a method is adding an entry to ``METHODS``;
+pysteps' extrapolation nowcast is one where pysteps is installed (``pip install convgru[pysteps]``).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
+from convgru_cli.errors import UserError
 from convgru_cli.motion import advect, motion_field
 
 
 def persistence(inputs: torch.Tensor, frames: int) -> torch.Tensor:
-    """[B, T, C, H, W] -> the last frame held for ``frames`` steps."""
-    return inputs[:, -1:].expand(-1, frames, -1, -1, -1)
+    """[B, T, C, H, W] -> the last frame held for ``frames`` steps (no data as 0)."""
+    return inputs[:, -1:].float().nan_to_num().expand(-1, frames, -1, -1, -1)
 
 
-def optical_flow(inputs: torch.Tensor, frames: int, max_speed: int = 6) -> torch.Tensor:
-    """[B, T, C, H, W] -> [B, frames, C, H, W]: the last frame carried along the recent motion."""
+def optical_flow(inputs: torch.Tensor, frames: int) -> torch.Tensor:
+    """[B, T, C, H, W] -> [B, frames, C, H, W]: the last frame carried along the recent motion (motion.py)."""
     last = inputs[:, -1].float().nan_to_num()
-    return advect(last, motion_field(inputs, max_speed), frames)
+    return advect(last, motion_field(inputs), frames)
+
+
+def pysteps_extrapolation(inputs: torch.Tensor, frames: int) -> torch.Tensor:
+    """[B, T, C, H, W] -> [B, frames, C, H, W]: pysteps' extrapolation nowcast, the field's reference: Lucas–Kanade
+    motion of the last three inputs (``motion.get_method("LK")``) and semi-Lagrangian extrapolation of the last
+    one (``nowcasts.get_method("extrapolation")``), per sequence and channel. What pysteps leaves as no data
+    (outside the domain, upwind) is given the last frame's smallest value: dry."""
+    with contextlib.redirect_stdout(sys.stderr):  # pysteps announces its configuration file on stdout
+        from pysteps import motion, nowcasts
+    estimate, extrapolate = motion.get_method("LK"), nowcasts.get_method("extrapolation")
+    recent = inputs[:, -3:].double().cpu().numpy()
+    out = np.empty((recent.shape[0], frames, *recent.shape[2:]), dtype=np.float32)
+    for b, sequence in enumerate(recent):
+        for c in range(sequence.shape[1]):
+            fields = sequence[:, c]
+            velocity = estimate(fields)
+            forecast = extrapolate(fields[-1], velocity, frames)
+            dry = np.nanmin(fields[-1]) if np.isfinite(fields[-1]).any() else 0.0
+            out[b, :, c] = np.nan_to_num(forecast, nan=dry)
+    return torch.from_numpy(out).to(inputs.device)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    forecast: Callable[[torch.Tensor, int], torch.Tensor]
+    min_inputs: int  # input frames the method needs
+
+
+METHODS = {
+    "persistence": Baseline(persistence, 1),
+    "optical_flow": Baseline(optical_flow, 2),
+}
+if importlib.util.find_spec("pysteps") is not None:  # the optional extra convgru[pysteps]
+    METHODS["pysteps"] = Baseline(pysteps_extrapolation, 3)
+
+
+def get_method(name: str) -> Baseline:
+    if name not in METHODS:
+        raise UserError(f"unknown baseline {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def usable(input_frames: int) -> list[str]:
+    """The baselines that can forecast from ``input_frames`` frames, in the order of ``METHODS``."""
+    return [name for name, method in METHODS.items() if input_frames >= method.min_inputs]

@@ -12,8 +12,11 @@ import os
 import torch
 
 from convgru_cli import __version__
+from convgru_cli.atomic import write_atomically
 from convgru_cli.errors import UserError
-from convgru_cli.files import write_atomically
+from convgru_cli.model import ModelConfig
+from convgru_cli.normalisation import Normalisation
+from convgru_cli.windowing import DataSpec
 
 log = logging.getLogger("convgru")
 
@@ -42,6 +45,32 @@ def load(path: str, map_location: str | torch.device = "cpu") -> dict:
             f"{__version__} (which reads format {FORMAT_VERSION})"
         )
     return payload
+
+
+def configs(saved: dict) -> tuple[ModelConfig, DataSpec, Normalisation]:
+    """The model, data and normalisation objects that a loaded checkpoint's plain data describes."""
+    return (
+        ModelConfig.from_dict(saved["model_config"]),
+        DataSpec.from_dict(saved["data_spec"]),
+        Normalisation.from_dict(saved["normalisation"]),
+    )
+
+
+def describe(path: str) -> dict:
+    """What a checkpoint holds, as plain data: versions, parameter count, the model, data and train
+    configuration, normalisation and progress (without the mean frame and the per-epoch history)."""
+    saved = load(path)
+    return {
+        "checkpoint": path,
+        "software_version": saved["software_version"],
+        "format_version": saved["format_version"],
+        "parameters": sum(t.numel() for t in saved["model"].values()),
+        "model_config": saved["model_config"],
+        "data_spec": saved["data_spec"],
+        "normalisation": {k: v for k, v in saved["normalisation"].items() if k != "mean_frame"},
+        "train_config": saved["train_config"],
+        "progress": {k: v for k, v in saved["progress"].items() if k != "history"},
+    }
 
 
 def newest_best(pattern: str = os.path.join("runs", "*", "best.pt")) -> str:

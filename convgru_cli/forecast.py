@@ -12,11 +12,15 @@ import h5py
 import numpy as np
 import torch
 
-from convgru_cli import __version__, checkpoint, data, distributed
+from convgru_cli import __version__, checkpoint, distributed
+from convgru_cli.atomic import hdf5_bytes, refuse_existing, write_atomically
 from convgru_cli.device import autocast, compile_failure, compile_for, pad_batch, pick_device, pick_precision
 from convgru_cli.errors import UserError
-from convgru_cli.files import hdf5_bytes, refuse_existing, write_atomically
-from convgru_cli.model import EncoderForecaster, ModelConfig
+from convgru_cli.hdf5 import open_hdf5, pick_dataset, resolve_layout, text_attribute
+from convgru_cli.model import EncoderForecaster
+from convgru_cli.normalisation import Normalisation
+from convgru_cli.sources import FrameSource, StackedFrames, mask_in
+from convgru_cli.windowing import DataSpec, batches, check_batch_size, stack
 
 log = logging.getLogger("convgru")
 
@@ -27,8 +31,8 @@ class Forecaster:
 
     model: EncoderForecaster
     network: torch.nn.Module  # what forecasts run through: the model, or it compiled
-    normalisation: data.Normalisation
-    spec: data.DataSpec
+    normalisation: Normalisation
+    spec: DataSpec
     device: torch.device
     precision: torch.dtype
     checkpoint_path: str
@@ -38,44 +42,45 @@ class Forecaster:
     def load(cls, path: str, device: str = "auto", precision: str = "auto", compile: bool = False) -> Forecaster:
         torch_device = distributed.process_device(pick_device(device))
         saved = checkpoint.load(path, map_location=torch_device)
-        model = EncoderForecaster(ModelConfig.from_dict(saved["model_config"]))
+        model_config, spec, normalisation = checkpoint.configs(saved)
+        model = EncoderForecaster(model_config)
         model.load_state_dict(saved["model"])
         model.to(torch_device).eval()
         return cls(
             model=model,
             network=compile_for(model, torch_device) if compile else model,
-            normalisation=data.Normalisation.from_dict(saved["normalisation"]),
-            spec=data.DataSpec.from_dict(saved["data_spec"]),
+            normalisation=normalisation,
+            spec=spec,
             device=torch_device,
             precision=pick_precision(precision, torch_device),
             checkpoint_path=path,
         )
 
-    def read_frames(self, file: h5py.File, dataset: str | None, layout: str | None) -> data.Frames:
+    def read_frames(self, file: h5py.File, dataset: str | None, layout: str | None) -> StackedFrames:
         """A file's frames as this model reads them: the dataset it was trained on and its mask, where the
         file has them, unless ``dataset`` names another; without ``layout`` or a recorded one, the layout it
         was trained on, before one read off the shape."""
         spec = self.spec
-        name = data.pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None), spec.mask_dataset)
-        source = file[name]
-        if not layout and not data.text_attribute(source, "layout") and len(spec.layout or "") == source.ndim:
+        name = pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None), spec.mask_dataset)
+        stored = file[name]
+        if not layout and not text_attribute(stored, "layout") and len(spec.layout or "") == stored.ndim:
             layout = spec.layout  # a file like the training file, which records no layout, is read the same way
-            if layout != data.resolve_layout(source.shape, None, name):
+            if layout != resolve_layout(stored.shape, None, name):
                 log.info(
                     "%s: no layout recorded; read as %s, as the model was trained (--layout to change)", name, layout
                 )
-        frames = data.Frames(file, name, layout, None, spec.nan_policy, data.mask_in(file, spec))
-        self.check_frames(frames)
-        return frames
+        source = StackedFrames(file, name, layout, None, spec.nan_policy, mask_in(file, spec.mask_dataset))
+        self.check_frames(source)
+        return source
 
-    def check_frames(self, frames: data.Frames) -> None:
+    def check_frames(self, source: FrameSource) -> None:
         config = self.model.config
-        if frames.channels != config.channels:
+        if source.channels != config.channels:
             raise UserError(
-                f"{frames.label}: {frames.channels} channels, but {self.checkpoint_path} was trained on "
+                f"{source.label}: {source.channels} channels, but {self.checkpoint_path} was trained on "
                 f"{config.channels}"
             )
-        config.check_frame_size(frames.height, frames.width)
+        config.check_frame_size(source.height, source.width)
 
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor | np.ndarray, frames: int) -> torch.Tensor:
@@ -142,12 +147,11 @@ def predict_file(
     sequence ``picture_sequence``: its inputs, the truth where the file holds it, and the forecast."""
     if frames < 1:
         raise UserError(f"--frames {frames}: must be at least 1")
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    check_batch_size(batch_size)
     if output is None and sys.stdout.isatty():
         raise UserError("refusing to write HDF5 to a terminal: use -o FILE or redirect standard output")
     refuse_existing([output, png, gif], force)
-    with data.open_hdf5(data_path) as file:
+    with open_hdf5(data_path) as file:
         forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision, compile)
         source = forecaster.read_frames(file, dataset, layout)
     spec = forecaster.spec
@@ -157,13 +161,12 @@ def predict_file(
             f"{source.label}: cannot take {spec.input_frames} input frames from frame {first} of {source.steps}"
             + ("; use --start" if start is None else "")
         )
-    outputs = []
-    for begin in range(0, source.sequences, batch_size):
-        batch = np.stack(
-            [source.read(n, first, spec.input_frames) for n in range(begin, min(begin + batch_size, source.sequences))]
-        )
-        outputs.append(forecaster.predict(torch.from_numpy(batch), frames).cpu().numpy())
-    forecast = np.concatenate(outputs)
+    forecast = np.concatenate(
+        [
+            forecaster.predict(stack(source.read(n, first, spec.input_frames) for n in sequences), frames).cpu().numpy()
+            for sequences in batches(range(source.sequences), batch_size)
+        ]
+    )
     if png or gif:
         _draw(source, forecast, first, spec.input_frames, picture_sequence, png, gif, force)
     attributes = {
@@ -186,7 +189,7 @@ def predict_file(
 
 
 def _draw(
-    source: data.Frames, forecast: np.ndarray, first: int, inputs: int, sequence: int, png, gif, force: bool
+    source: FrameSource, forecast: np.ndarray, first: int, inputs: int, sequence: int, png, gif, force: bool
 ) -> None:
     from convgru_cli import pictures
 

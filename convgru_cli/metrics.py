@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from convgru_cli.errors import UserError
+
 CONTINUOUS = ("mse", "mae", "ssim", "psnr")
 CATEGORICAL = ("csi", "pod", "far", "hss", "ets", "bias")
 
@@ -34,6 +36,31 @@ def default_thresholds(units: str, dataset: str) -> tuple[float, ...]:
 
 
 UNIT_SUFFIXES = {"mm/h": "mm/h", "dbz": "dBZ"}
+# The scores a table shows (the rest are in --json and --csv) and the ones a plot draws; and each CSI.
+TABLE_SCORES = ("mse", "mae", "ssim")
+PLOT_SCORES = CONTINUOUS
+
+
+def shown(names, continuous: tuple[str, ...] = TABLE_SCORES) -> list[str]:
+    """Of the score ``names``, those to show: the ``continuous`` ones and the CSI at each threshold."""
+    return [name for name in names if name in continuous or name.startswith("csi@")]
+
+
+def zero_one_scale(dtype: str, low: float, high: float) -> float | None:
+    """Divisor that maps the data onto [0, 1] where that is its natural range (uint8, or floats in 0-1)."""
+    if dtype == "uint8":
+        return 255.0
+    if low >= 0 and high <= 1:
+        return 1.0
+    return None
+
+
+def check_scoring(thresholds: tuple, fss_scales: tuple[int, ...], zr: tuple[float, ...]) -> None:
+    """The scoring options make sense together: a Z-R relation of two positive numbers, FSS only at thresholds."""
+    if len(zr) != 2 or min(zr) <= 0:
+        raise UserError(f"--zr {','.join(f'{v:g}' for v in zr)}: expected two positive numbers a,b")
+    if fss_scales and (not thresholds or min(fss_scales) < 1):
+        raise UserError("--fss-scales needs --thresholds, and window sizes of at least 1 pixel")
 
 
 def format_threshold(threshold: float) -> str:
@@ -55,8 +82,6 @@ def thresholds_in_units(
 ) -> dict[str, float]:
     """Label (as given) -> threshold in the data's units. A value may carry a unit, "1mm/h" or "35dBZ"; one in the
     other unit than the data's is converted with the Z-R relation ``zr`` (Marshall-Palmer by default)."""
-    from convgru_cli.errors import UserError
-
     data_unit = UNIT_SUFFIXES.get(units.strip().lower())
     levels = {}
     for item in given:
@@ -172,14 +197,9 @@ class Scores:
                 self.fss[i, k, :, 0] += (pf - po).square().sum(dim=(0, 2, 3)).cpu()
                 self.fss[i, k, :, 1] += (pf.square() + po.square()).sum(dim=(0, 2, 3)).cpu()
 
-    def merge(self, other: Scores) -> None:
-        for name, value in other.sums.items():
-            self.sums[name] += value
-        self.table += other.table
-        self.fss += other.fss
-
     def state(self) -> torch.Tensor:
-        """All running sums as one tensor, so that DDP ranks can reduce them in one call."""
+        """All running sums as one tensor: states add up (across workers, batches or torchrun ranks, in one
+        all-reduce), and ``load_state`` of the sum is the merge."""
         return torch.cat([torch.stack(list(self.sums.values())).flatten(), self.table.flatten(), self.fss.flatten()])
 
     def load_state(self, flat: torch.Tensor) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from convgru_cli.atomic import write_atomically
 from convgru_cli.errors import UserError
-from convgru_cli.files import write_atomically
+from convgru_cli.metrics import PLOT_SCORES, shown
 
 # Levels in data units and the colour from each level up (light blue through green and yellow to red, purple).
 RADAR_COLOURS = [
@@ -118,7 +119,7 @@ METHOD_COLOURS = [(0xD6, 0x27, 0x28), (0x1F, 0x77, 0xB4), (0x2C, 0xA0, 0x2C), (0
 def plot_scores(report: dict, width: int = 300, height: int = 200) -> Image.Image:
     """One small panel per score (MSE, MAE, SSIM, PSNR and each CSI) against lead time, a line per method."""
     methods = list(report["scores"])
-    metrics = [m for m in report["scores"][methods[0]] if m in ("mse", "mae", "ssim", "psnr") or m.startswith("csi@")]
+    metrics = shown(report["scores"][methods[0]], PLOT_SCORES)
     leads = report["lead_times"]
     canvas = Image.new("RGB", (width * min(len(metrics), 3), height * -(-len(metrics) // 3) + 20), "white")
     draw = ImageDraw.Draw(canvas)

@@ -12,8 +12,8 @@ import struct
 import h5py
 import numpy as np
 
+from convgru_cli.atomic import atomic_path
 from convgru_cli.errors import UserError
-from convgru_cli.files import atomic_path
 
 FONT = {
     "0": ".###. #...# #..## #.#.# ##..# #...# .###.",
@@ -66,6 +66,8 @@ def moving_digits(
     sequences: int, frames: int, glyphs: np.ndarray, size: int = 64, digits: int = 2, seed: int = 0
 ) -> np.ndarray:
     """[sequences, frames, size, size] uint8 of ``digits`` glyphs moving in straight lines, bouncing off walls."""
+    if sequences < 1 or frames < 1 or digits < 1:
+        raise UserError("--sequences, --frames and --digits must be at least 1")
     if size < glyphs.shape[-1]:
         raise UserError(f"--size {size}: must be at least the glyph size {glyphs.shape[-1]}")
     rng = np.random.default_rng(seed)

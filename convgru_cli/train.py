@@ -1,5 +1,8 @@
 """The training loop: one process, or one of several under torchrun (DistributedDataParallel).
 
+The run is set up once, fresh (``train``) or from its last.pt (``resume``), into a ``Run``; ``fit`` then reads
+top to bottom: ``train_epoch`` runs the batches, ``end_epoch`` validates, records, saves and decides to stop.
+
 Batch order is a pure function of (seed, epoch), so a run stopped mid-epoch resumes exactly where it was.
 Rank 0 alone logs and writes; batch size is per process.
 """
@@ -7,23 +10,27 @@ Rank 0 alone logs and writes; batch size is per process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from convgru_cli import checkpoint, data, distributed, transforms
+from convgru_cli import checkpoint, distributed, signals, transforms
 from convgru_cli.device import autocast, compile_failure, compile_for, pad_batch, pick_device, pick_precision
 from convgru_cli.errors import UserError
 from convgru_cli.model import EncoderForecaster, ModelConfig, count_parameters
+from convgru_cli.normalisation import Normalisation, compute_normalisation
+from convgru_cli.sources import FrameSource, open_frames
+from convgru_cli.windowing import DataSpec, WindowDataset, batches, check_batch_size, split_windows
 
 log = logging.getLogger("convgru")
 
@@ -53,9 +60,9 @@ class TrainConfig:
     cache: bool | None = None  # hold the data in memory: None decides by size
 
     def check(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.epochs < 1:
+            raise UserError("--epochs must be at least 1")
+        check_batch_size(self.batch_size)
         if self.lr <= 0:
             raise UserError("--lr must be positive")
         if self.grad_clip < 0:
@@ -132,40 +139,100 @@ def epoch_batches(windows: int, batch_size: int, seed: int, epoch: int, rank: in
     return [b[rank * batch_size : (rank + 1) * batch_size] for b in batches]
 
 
-def _loader(dataset: data.WindowDataset, batches: list[list[int]], workers: int, device: torch.device):
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda"
-    )
+RESUME_CHANGES = ("epochs", "max_time", "patience", "device", "workers", "cache", "recompute")
 
 
-@contextlib.contextmanager
-def _signals_held():
-    """Ctrl-C or SIGTERM inside the block takes effect, as KeyboardInterrupt, when the block is done."""
-    caught, previous = [], {}
-    try:
-        for number in (signal.SIGINT, signal.SIGTERM):
-            previous[number] = signal.signal(number, lambda number, frame: caught.append(number))
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    if caught:
-        raise KeyboardInterrupt
+def check_resume_changes(names) -> None:
+    """A resumed run continues as it was saved: of its options only ``RESUME_CHANGES`` may be given anew."""
+    fixed = set(names) - set(RESUME_CHANGES)
+    if fixed:
+        options = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(fixed))
+        raise UserError(f"--resume continues a run as it was saved: {options} cannot change")
 
 
-def _write_metrics(run_dir: str, record: dict) -> None:
-    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as file:
-        file.write(json.dumps(record) + "\n")
+class Placement(NamedTuple):
+    """Where this process trains: its device and autocast dtype, its rank among ``world`` processes."""
+
+    device: torch.device
+    precision: torch.dtype
+    rank: int
+    world: int
 
 
-def new_run_dir(data_path: str) -> str:
-    stem = os.path.splitext(os.path.basename(data_path))[0] or "run"
-    return os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+class TrainingData(NamedTuple):
+    source: FrameSource
+    spec: DataSpec  # with the dataset and layout that were found
+    train_windows: list[tuple[int, int]]
+    val_windows: list[tuple[int, int]]
+
+
+@dataclass
+class Run:
+    """Everything a training run holds once set up, whether fresh or resumed."""
+
+    run_dir: str
+    config: TrainConfig
+    spec: DataSpec
+    model_config: ModelConfig
+    source: FrameSource
+    train_windows: list[tuple[int, int]]
+    val_windows: list[tuple[int, int]]
+    normalisation: Normalisation
+    model: EncoderForecaster
+    net: torch.nn.Module  # what batches run through: the model, wrapped for DDP and/or compiled
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    progress: Progress
+    device: torch.device
+    precision: torch.dtype
+    rank: int
+    world: int
+
+    @property
+    def workers(self) -> int:
+        return self.config.workers if self.config.workers is not None else (0 if self.source.in_memory else 2)
+
+    @functools.cached_property
+    def total_steps(self) -> int:
+        """Optimizer steps in the whole run (computed once: it draws an epoch's batches)."""
+        steps_per_epoch = len(epoch_batches(len(self.train_windows), self.config.batch_size, 0, 0, 0, self.world))
+        return steps_per_epoch * self.config.epochs
+
+    def save(self, name: str) -> None:
+        """A checkpoint in the run directory (rank 0 alone writes)."""
+        if self.rank != 0:
+            return
+        checkpoint.save(
+            os.path.join(self.run_dir, name),
+            {
+                "model_config": self.model_config.to_dict(),
+                "data_spec": self.spec.to_dict(),
+                "normalisation": self.normalisation.to_dict(),
+                "train_config": asdict(self.config),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "progress": asdict(self.progress),
+            },
+        )
+
+
+@dataclass
+class Epoch:
+    """How one epoch's training went in this process."""
+
+    batches: int  # the epoch's batches in all, done before a resume included
+    seen: int = 0  # sequences trained on since this process (re)started the epoch
+    began: float = field(default_factory=time.perf_counter)
+    out_of_time: bool = False
+
+    def rate(self, world: int) -> float:
+        return self.seen * world / (time.perf_counter() - self.began)
 
 
 def train(
     data_path: str | list[str],
-    spec: data.DataSpec,
+    spec: DataSpec,
     model_config: ModelConfig,
     config: TrainConfig,
     run_dir: str,
@@ -177,277 +244,82 @@ def train(
 
     The model takes its channel count from the data. A ``run_dir`` that holds a run is refused unless ``force``.
     ``options_toml``, the command-line options that made the run, is saved as config.toml to repeat it."""
-    return _fit(data_path, spec, model_config, config, run_dir, None, force, show_progress, options_toml)
-
-
-RESUME_CHANGES = ("epochs", "max_time", "patience", "device", "workers", "cache", "recompute")
+    placement = _placement(config, spec)
+    data = _open_data(data_path, spec, config, placement.world)
+    source, spec = data.source, data.spec
+    normalisation = compute_normalisation(source, data.train_windows, spec.window, spec.transform, spec.clip)
+    if placement.rank == 0 and spec.transform != "none":
+        log.info("%s: modelled in the %r transform of its %s (--transform)", source.label, spec.transform, source.units)
+    if normalisation.nan_fraction > 0 and placement.rank == 0:
+        log.warning(
+            "%s: %.2f%% of the sampled training pixels are NaN (no data); they are left out of the loss "
+            "and the scores (--nan-policy mask)",
+            source.label,
+            100 * normalisation.nan_fraction,
+        )
+    model_config = replace(model_config, channels=source.channels)
+    _check_fits(model_config, source)
+    if placement.rank == 0:
+        _prepare_run_dir(run_dir, force)
+    run = _build(run_dir, config, model_config, normalisation, data, placement)
+    return fit(run, data_path, show_progress, options_toml)
 
 
 def resume(data_path: str | list[str], run_dir: str, show_progress: bool = True, **changes) -> dict:
     """Continue the run in ``run_dir`` from its last.pt, exactly where it stopped (mid-epoch included).
     ``changes`` may set epochs (to train longer), max_time, device or workers; all else is as saved."""
-    unknown = set(changes) - set(RESUME_CHANGES)
-    if unknown:
-        raise UserError(f"--resume: {', '.join(sorted(unknown))} cannot change in a resumed run")
+    check_resume_changes(changes)
     saved = checkpoint.load(os.path.join(run_dir, "last.pt"))
     config = TrainConfig(**{**saved["train_config"], **changes})
-    spec = data.DataSpec.from_dict(saved["data_spec"])
-    model_config = ModelConfig.from_dict(saved["model_config"])
-    return _fit(data_path, spec, model_config, config, run_dir, saved, False, show_progress, None)
-
-
-def _fit(
-    data_path: str | list[str],
-    spec: data.DataSpec,
-    model_config: ModelConfig,
-    config: TrainConfig,
-    run_dir: str,
-    saved: dict | None,
-    force: bool,
-    show_progress: bool,
-    options_toml: str | None,
-) -> dict:
-    device = pick_device(config.device)
-    rank, world = distributed.setup(device)
-    device = distributed.process_device(device)
-    config.check()
-    spec.check()
-    precision = pick_precision(config.precision, device)
-
-    paths = [data_path] if isinstance(data_path, str) else list(data_path)
-    frames = data.open_frames(paths, spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset)
-    transform = transforms.resolve(spec.transform, frames.units)
-    spec = replace(spec, dataset=frames.dataset, layout=frames.layout, transform=transform)
-    train_windows, val_windows = data.split_windows(frames, spec)
-    if len(train_windows) < config.batch_size * world:
+    model_config, spec, normalisation = checkpoint.configs(saved)
+    placement = _placement(config, spec)
+    data = _open_data(data_path, spec, config, placement.world)
+    _check_fits(model_config, data.source)
+    run = _build(run_dir, config, model_config, normalisation, data, placement)
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scaler.load_state_dict(saved["scaler"])
+    run.progress = Progress(**{"processes": run.world, **saved["progress"]})  # older checkpoints do not record it
+    if run.progress.processes != run.world:
+        trained_by = run.progress.processes
         raise UserError(
-            f"--batch-size {config.batch_size}: larger than the {len(train_windows)} training windows "
-            f"{'per process ' if world > 1 else ''}in {frames.label}; lower it"
+            f"--resume {run_dir}: the run was trained by {trained_by} process(es) and this is {run.world}; "
+            f"resume it with as many (torchrun --nproc-per-node {trained_by}) to continue where it was"
         )
-    if saved:
-        normalisation = data.Normalisation.from_dict(saved["normalisation"])
-    else:
-        normalisation = data.compute_normalisation(frames, train_windows, spec.window, spec.transform, spec.clip)
-        model_config = replace(model_config, channels=frames.channels)
-        if rank == 0 and spec.transform != "none":
-            log.info(
-                "%s: modelled in the %r transform of its %s (--transform)", frames.label, spec.transform, frames.units
-            )
-        if normalisation.nan_fraction > 0 and rank == 0:
-            log.warning(
-                "%s: %.2f%% of the sampled training pixels are NaN (no data); they are left out of the loss "
-                "and the scores (--nan-policy mask)",
-                frames.label,
-                100 * normalisation.nan_fraction,
-            )
-    if model_config.channels != frames.channels:
-        raise UserError(f"{frames.label}: {frames.channels} channels, but the model expects {model_config.channels}")
-    model_config.check_frame_size(frames.height, frames.width)
+    return fit(run, data_path, show_progress, None)
 
-    torch.manual_seed(config.seed)
-    model = EncoderForecaster(model_config, recompute=config.recompute).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    progress = Progress(processes=world)
-    if saved:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scaler.load_state_dict(saved["scaler"])
-        progress = Progress(**{"processes": world, **saved["progress"]})  # older checkpoints do not record it
-        if progress.processes != world:
-            raise UserError(
-                f"--resume {run_dir}: the run was trained by {progress.processes} process(es) and this is {world}; "
-                f"resume it with as many (torchrun --nproc-per-node {progress.processes}) to continue where it was"
-            )
-    elif rank == 0:
-        if os.path.exists(os.path.join(run_dir, "last.pt")) and not force:
-            raise UserError(f"{run_dir}: holds a run already; use --resume {run_dir} or --force to start over")
+
+def fit(run: Run, data_path: str | list[str], show_progress: bool = True, options_toml: str | None = None) -> dict:
+    """Train ``run`` until its epochs are done, --max-time is up or --patience runs out; returns a summary."""
+    # -- what made the run, for people and for `convgru train --config`
+    if run.rank == 0:
+        _write_run_files(run, data_path, options_toml)
+        _log_start(run)
+
+    # -- epochs; Ctrl-C or SIGTERM saves last.pt, from which --resume continues
+    with signals.sigterm_as_interrupt():
+        started = time.perf_counter() - run.progress.elapsed
         try:
-            os.makedirs(run_dir, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"--out {run_dir}: cannot create the run directory ({error.strerror})") from None
-        for stale in ("metrics.jsonl", "best.pt", "last.pt", "config.toml"):  # a --force restart starts clean
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(run_dir, stale))
-    # With one input frame the encoder's hidden convolutions never run (a zero state convolves to its bias), and
-    # DDP must be told to expect weights without gradients.
-    net = DistributedDataParallel(model, find_unused_parameters=spec.input_frames == 1) if world > 1 else model
-    if config.compile:
-        net = compile_for(net, device)
-
-    def save(name: str) -> None:
-        if rank != 0:
-            return
-        checkpoint.save(
-            os.path.join(run_dir, name),
-            {
-                "model_config": model_config.to_dict(),
-                "data_spec": spec.to_dict(),
-                "normalisation": normalisation.to_dict(),
-                "train_config": asdict(config),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "progress": asdict(progress),
-            },
-        )
-
-    if rank == 0 and options_toml is not None:
-        with open(os.path.join(run_dir, "config.toml"), "w") as file:
-            file.write(options_toml)
-    if rank == 0:
-        with open(os.path.join(run_dir, "config.json"), "w") as file:
-            json.dump(
-                {
-                    "data": data_path,
-                    "data_spec": spec.to_dict(),
-                    "model_config": model_config.to_dict(),
-                    "train_config": asdict(config),
-                },
-                file,
-                indent=2,
-            )
-        log.info(
-            "%s: layout %s, %d sequence(s) of %d frames",
-            frames.label,
-            frames.layout,
-            frames.sequences,
-            frames.steps,
-        )
-        log.info(
-            "training %s parameters on %d windows (%d held out) on %s, %s, %d process(es); run directory %s",
-            f"{count_parameters(model):,}",
-            len(train_windows),
-            len(val_windows),
-            device,
-            str(precision).removeprefix("torch."),
-            world,
-            run_dir,
-        )
-
-    workers = config.workers if config.workers is not None else (0 if frames.in_memory else 2)
-    train_set = data.WindowDataset(frames, train_windows, spec.window)
-    steps_per_epoch = len(epoch_batches(len(train_windows), config.batch_size, 0, 0, 0, world))
-    total_steps = steps_per_epoch * config.epochs
-    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    started = time.perf_counter() - progress.elapsed
-    try:
-        while progress.epoch < config.epochs:
-            batches = epoch_batches(len(train_windows), config.batch_size, config.seed, progress.epoch, rank, world)
-            net.train()
-            bar = tqdm(
-                total=len(batches),
-                initial=progress.batch,
-                desc=f"epoch {progress.epoch + 1}/{config.epochs}",
-                disable=not show_progress or rank != 0 or not sys.stderr.isatty(),
-                file=sys.stderr,
-                leave=False,
-            )
-            seen_here, epoch_start = 0, time.perf_counter()  # this process's sequences since it (re)started
-            out_of_time = False
-            for batch in _loader(train_set, batches[progress.batch :], workers, device):
-                raw = batch.to(device, non_blocking=True)
-                inputs, target, valid = _split(raw, normalisation, spec)
-                weight = valid.float()
-                if config.loss == "balanced":
-                    weight = weight * balance_weights(raw[:, spec.input_frames :], config)
-                fraction = progress.step / total_steps
-                if config.max_time:
-                    # One clock for all processes: the same learning rate everywhere, and all stop together.
-                    elapsed = distributed.max_over_processes(time.perf_counter() - started, device)
-                    fraction = max(fraction, elapsed / config.max_time)
-                    out_of_time = elapsed >= config.max_time
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(config, progress.step, fraction)
-                with autocast(device, precision):
-                    prediction = net(inputs, spec.output_frames)
-                loss = weighted_loss(prediction.float(), target, weight, config.loss)
-                loss_value = loss.item()  # the one host-device sync of the step
-                if not math.isfinite(loss_value):
-                    raise UserError(
-                        f"training diverged: the loss is {loss_value} at step {progress.step + 1}; "
-                        "lower --lr or check the data (try --transform log or --clip for heavy-tailed values)"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                with _signals_held():  # a checkpoint never holds the new weights with the old step count
-                    scaler.step(optimizer)
-                    scaler.update()
-                    progress.batch += 1
-                    progress.step += 1
-                    progress.epoch_loss += loss_value * len(batch)
-                    progress.epoch_sequences += len(batch)
-                seen_here += len(batch)
-                rate = seen_here * world / (time.perf_counter() - epoch_start)
-                bar.set_postfix(loss=f"{loss_value:.4f}", seq_s=f"{rate:.1f}")
-                bar.update()
-                if out_of_time:
+            while run.progress.epoch < run.config.epochs:
+                epoch = train_epoch(run, started, show_progress)
+                if end_epoch(run, epoch):
                     break
-            bar.close()
-            progress.elapsed = time.perf_counter() - started
-            # The epoch counts as done only after validation (a Ctrl-C during it resumes into validation) and
-            # only when all its batches ran: one cut short by --max-time goes on from there when resumed.
-            val_loss = validate(net, frames, val_windows, spec, normalisation, config, device, precision, rank, world)
-            loss_sum, sequences = distributed.sum_over_processes(
-                torch.tensor([progress.epoch_loss, progress.epoch_sequences], dtype=torch.float64), device
-            ).tolist()
-            epoch = progress.epoch + 1
-            if progress.batch == len(batches):
-                progress.epoch, progress.batch, progress.epoch_loss, progress.epoch_sequences = epoch, 0, 0.0, 0
-            record = {
-                "epoch": epoch,
-                "step": progress.step,
-                "train_loss": loss_sum / sequences if sequences else None,  # the epoch's, across resumes
-                "val_loss": val_loss,
-                "seq_per_s": seen_here * world / (time.perf_counter() - epoch_start) if seen_here else None,
-                "elapsed_s": round(progress.elapsed, 2),
-                "complete": progress.batch == 0,  # false: cut short by --max-time, continued by --resume
-            }
-            # Without a validation split every epoch is the best so far; a NaN loss never is.
-            improved = val_loss is None or val_loss < progress.best_val
-            if improved:
-                progress.best_epoch = epoch
-                progress.best_val = progress.best_val if val_loss is None else val_loss
-            progress.history.append(record)
-            save("last.pt")
-            if improved:
-                save("best.pt")
-            if rank == 0:
-                _write_metrics(run_dir, record)
-                log.info(
-                    "epoch %d/%d%s  train loss %s  val loss %s  %s seq/s%s",
-                    epoch,
-                    config.epochs,
-                    f" (cut short: {progress.batch} of {len(batches)} batches)" if progress.batch else "",
-                    "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}",
-                    "-" if val_loss is None else f"{val_loss:.4f}",
-                    "-" if record["seq_per_s"] is None else f"{record['seq_per_s']:.1f}",
-                    "  (best)" if improved else "",
-                )
-            if out_of_time:
-                log.info("stopping: --max-time %gs reached", config.max_time)
-                break
-            if config.patience and epoch - progress.best_epoch >= config.patience:
-                log.info("stopping: no better validation loss for %d epochs (--patience)", config.patience)
-                break
-    except KeyboardInterrupt:
-        progress.elapsed = time.perf_counter() - started
-        save("last.pt")
-        raise Interrupted(run_dir) from None
-    except torch._dynamo.exc.BackendCompilerFailed as error:  # at the first compiled step: no C++ compiler, say
-        raise compile_failure(error, "train") from None
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        except KeyboardInterrupt:
+            run.progress.elapsed = time.perf_counter() - started
+            run.save("last.pt")
+            raise Interrupted(run.run_dir) from None
+        except torch._dynamo.exc.BackendCompilerFailed as error:  # at the first compiled step: no C++ compiler
+            raise compile_failure(error, "train") from None
+
+    # -- done
     distributed.finish()
+    progress = run.progress
     return {
-        "run_dir": run_dir,
+        "run_dir": run.run_dir,
         "best_epoch": progress.best_epoch,
         "best_val_loss": progress.best_val,
-        "last_checkpoint": os.path.join(run_dir, "last.pt"),
-        "best_checkpoint": os.path.join(run_dir, "best.pt"),
+        "last_checkpoint": os.path.join(run.run_dir, "last.pt"),
+        "best_checkpoint": os.path.join(run.run_dir, "best.pt"),
         "epochs": progress.epoch,
         "steps": progress.step,
         "seq_per_s": progress.history[-1]["seq_per_s"] if progress.history else 0.0,
@@ -455,30 +327,296 @@ def _fit(
     }
 
 
-def _split(
-    batch: torch.Tensor, normalisation: data.Normalisation, spec: data.DataSpec
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    frames, valid = normalisation.normalise(batch)
-    return frames[:, : spec.input_frames], frames[:, spec.input_frames :], valid[:, spec.input_frames :]
+def train_epoch(run: Run, started: float, show_progress: bool) -> Epoch:
+    """The current epoch's batches from where progress stands, to the epoch's end or to --max-time."""
+    config, progress = run.config, run.progress
+    batch_lists = epoch_batches(
+        len(run.train_windows), config.batch_size, config.seed, progress.epoch, run.rank, run.world
+    )
+    run.net.train()
+    bar = tqdm(
+        total=len(batch_lists),
+        initial=progress.batch,
+        desc=f"epoch {progress.epoch + 1}/{config.epochs}",
+        disable=not show_progress or run.rank != 0 or not sys.stderr.isatty(),
+        file=sys.stderr,
+        leave=False,
+    )
+    epoch = Epoch(len(batch_lists))
+    train_set = WindowDataset(run.source, run.train_windows, run.spec.window)
+    for batch in _loader(train_set, batch_lists[progress.batch :], run.workers, run.device):
+        loss_value, epoch.out_of_time = train_step(run, batch, started)
+        epoch.seen += len(batch)
+        bar.set_postfix(loss=f"{loss_value:.4f}", seq_s=f"{epoch.rate(run.world):.1f}")
+        bar.update()
+        if epoch.out_of_time:
+            break
+    bar.close()
+    progress.elapsed = time.perf_counter() - started
+    return epoch
+
+
+def train_step(run: Run, batch: torch.Tensor, started: float) -> tuple[float, bool]:
+    """One optimizer step on ``batch``: (its loss, whether --max-time is reached)."""
+    config, spec, progress = run.config, run.spec, run.progress
+    raw = batch.to(run.device, non_blocking=True)
+    inputs, target, valid = _split(raw, run.normalisation, spec)
+    weight = valid.float()
+    if config.loss == "balanced":
+        weight = weight * balance_weights(raw[:, spec.input_frames :], config)
+    fraction, out_of_time = progress.step / run.total_steps, False
+    if config.max_time:
+        # One clock for all processes: the same learning rate everywhere, and all stop together.
+        elapsed = distributed.max_over_processes(time.perf_counter() - started, run.device)
+        fraction = max(fraction, elapsed / config.max_time)
+        out_of_time = elapsed >= config.max_time
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(config, progress.step, fraction)
+    with autocast(run.device, run.precision):
+        prediction = run.net(inputs, spec.output_frames)
+    loss = weighted_loss(prediction.float(), target, weight, config.loss)
+    loss_value = loss.item()  # the one host-device sync of the step
+    if not math.isfinite(loss_value):
+        raise UserError(
+            f"training diverged: the loss is {loss_value} at step {progress.step + 1}; "
+            "lower --lr or check the data (try --transform log or --clip for heavy-tailed values)"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if config.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    with signals.held():  # a checkpoint never holds the new weights with the old step count
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        progress.batch += 1
+        progress.step += 1
+        progress.epoch_loss += loss_value * len(batch)
+        progress.epoch_sequences += len(batch)
+    return loss_value, out_of_time
+
+
+def end_epoch(run: Run, epoch: Epoch) -> bool:
+    """Validate, record, save last.pt (and best.pt), log; True when training stops here."""
+    config, progress = run.config, run.progress
+    # The epoch counts as done only after validation (a Ctrl-C during it resumes into validation) and only when
+    # all its batches ran: one cut short by --max-time goes on from there when resumed.
+    val_loss = validate(run)
+    loss_sum, sequences = distributed.sum_over_processes(
+        torch.tensor([progress.epoch_loss, progress.epoch_sequences], dtype=torch.float64), run.device
+    ).tolist()
+    number = progress.epoch + 1
+    if progress.batch == epoch.batches:
+        progress.epoch, progress.batch, progress.epoch_loss, progress.epoch_sequences = number, 0, 0.0, 0
+    record = {
+        "epoch": number,
+        "step": progress.step,
+        "train_loss": loss_sum / sequences if sequences else None,  # the epoch's, across resumes
+        "val_loss": val_loss,
+        "seq_per_s": epoch.rate(run.world) if epoch.seen else None,
+        "elapsed_s": round(progress.elapsed, 2),
+        "complete": progress.batch == 0,  # false: cut short by --max-time, continued by --resume
+    }
+    # Without a validation split every epoch is the best so far; a NaN loss never is.
+    improved = val_loss is None or val_loss < progress.best_val
+    if improved:
+        progress.best_epoch = number
+        progress.best_val = progress.best_val if val_loss is None else val_loss
+    progress.history.append(record)
+    run.save("last.pt")
+    if improved:
+        run.save("best.pt")
+    if run.rank == 0:
+        _write_metrics(run.run_dir, record)
+        _log_epoch(record, config.epochs, progress.batch, epoch.batches, improved)
+    if epoch.out_of_time:
+        log.info("stopping: --max-time %gs reached", config.max_time)
+        return True
+    if config.patience and number - progress.best_epoch >= config.patience:
+        log.info("stopping: no better validation loss for %d epochs (--patience)", config.patience)
+        return True
+    return False
 
 
 @torch.no_grad()
-def validate(net, frames, windows, spec, normalisation, config, device, precision, rank, world) -> float | None:
+def validate(run: Run) -> float | None:
     """Mean per-pixel MSE (normalised units) on the held-out windows, summed over all ranks; None without any."""
-    if not windows:
+    if not run.val_windows:
         return None
-    net.eval()
-    mine = windows[rank::world]
-    batches = [list(range(i, min(i + config.batch_size, len(mine)))) for i in range(0, len(mine), config.batch_size)]
+    spec, batch_size = run.spec, run.config.batch_size
+    run.net.eval()
+    mine = run.val_windows[run.rank :: run.world]
+    batch_lists = [list(indices) for indices in batches(range(len(mine)), batch_size)]
     total = torch.zeros(2, dtype=torch.float64)  # summed on the CPU: Apple's MPS has no float64
-    for batch in _loader(data.WindowDataset(frames, mine, spec.window), batches, 0, device):
-        batch, count = batch.to(device), len(batch)
-        if config.compile:  # the ragged last batch
-            batch = pad_batch(batch, config.batch_size)
-        inputs, target, valid = _split(batch, normalisation, spec)
-        with autocast(device, precision):
-            prediction = net(inputs, spec.output_frames)
+    for batch in _loader(WindowDataset(run.source, mine, spec.window), batch_lists, 0, run.device):
+        batch, count = batch.to(run.device), len(batch)
+        if run.config.compile:  # the ragged last batch
+            batch = pad_batch(batch, batch_size)
+        inputs, target, valid = _split(batch, run.normalisation, spec)
+        with autocast(run.device, run.precision):
+            prediction = run.net(inputs, spec.output_frames)
         error, weight = prediction[:count].float() - target[:count], valid[:count].float()
         total += torch.stack([(error**2 * weight).sum(), weight.sum()]).cpu()
-    total = distributed.sum_over_processes(total, device)
+    total = distributed.sum_over_processes(total, run.device)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+# -- setup
+
+
+def _placement(config: TrainConfig, spec: DataSpec) -> Placement:
+    """This process's device, precision and rank, joining torchrun's processes; the configurations are checked
+    on the way."""
+    device = pick_device(config.device)
+    rank, world = distributed.setup(device)
+    device = distributed.process_device(device)
+    config.check()
+    spec.check()
+    return Placement(device, pick_precision(config.precision, device), rank, world)
+
+
+def _open_data(data_path: str | list[str], spec: DataSpec, config: TrainConfig, world: int) -> TrainingData:
+    paths = [data_path] if isinstance(data_path, str) else list(data_path)
+    source = open_frames(paths, spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset)
+    transform = transforms.resolve(spec.transform, source.units)
+    spec = replace(spec, dataset=source.dataset, layout=source.layout, transform=transform)
+    train_windows, val_windows = split_windows(source, spec)
+    if len(train_windows) < config.batch_size * world:
+        raise UserError(
+            f"--batch-size {config.batch_size}: larger than the {len(train_windows)} training windows "
+            f"{'per process ' if world > 1 else ''}in {source.label}; lower it"
+        )
+    return TrainingData(source, spec, train_windows, val_windows)
+
+
+def _check_fits(model_config: ModelConfig, source: FrameSource) -> None:
+    if model_config.channels != source.channels:
+        raise UserError(f"{source.label}: {source.channels} channels, but the model expects {model_config.channels}")
+    model_config.check_frame_size(source.height, source.width)
+
+
+def _prepare_run_dir(run_dir: str, force: bool) -> None:
+    if os.path.exists(os.path.join(run_dir, "last.pt")) and not force:
+        raise UserError(f"{run_dir}: holds a run already; use --resume {run_dir} or --force to start over")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out {run_dir}: cannot create the run directory ({error.strerror})") from None
+    for stale in ("metrics.jsonl", "best.pt", "last.pt", "config.toml"):  # a --force restart starts clean
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run_dir, stale))
+
+
+def _build(
+    run_dir: str,
+    config: TrainConfig,
+    model_config: ModelConfig,
+    normalisation: Normalisation,
+    data: TrainingData,
+    placement: Placement,
+) -> Run:
+    """The run with a freshly initialised model (seeded), its optimizer and gradient scaler."""
+    torch.manual_seed(config.seed)
+    model = EncoderForecaster(model_config, recompute=config.recompute).to(placement.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(placement.device.type, enabled=placement.precision == torch.float16)
+    # With one input frame the encoder's hidden convolutions never run (a zero state convolves to its bias), and
+    # DDP must be told to expect weights without gradients.
+    unused = data.spec.input_frames == 1
+    net = DistributedDataParallel(model, find_unused_parameters=unused) if placement.world > 1 else model
+    if config.compile:
+        net = compile_for(net, placement.device)
+    return Run(
+        run_dir=run_dir,
+        config=config,
+        spec=data.spec,
+        model_config=model_config,
+        source=data.source,
+        train_windows=data.train_windows,
+        val_windows=data.val_windows,
+        normalisation=normalisation,
+        model=model,
+        net=net,
+        optimizer=optimizer,
+        scaler=scaler,
+        progress=Progress(processes=placement.world),
+        device=placement.device,
+        precision=placement.precision,
+        rank=placement.rank,
+        world=placement.world,
+    )
+
+
+def _write_run_files(run: Run, data_path: str | list[str], options_toml: str | None) -> None:
+    """config.toml (the options that made the run, to repeat it) and config.json (what it trains)."""
+    if options_toml is not None:
+        with open(os.path.join(run.run_dir, "config.toml"), "w") as file:
+            file.write(options_toml)
+    with open(os.path.join(run.run_dir, "config.json"), "w") as file:
+        json.dump(
+            {
+                "data": data_path,
+                "data_spec": run.spec.to_dict(),
+                "model_config": run.model_config.to_dict(),
+                "train_config": asdict(run.config),
+            },
+            file,
+            indent=2,
+        )
+
+
+def _log_start(run: Run) -> None:
+    source = run.source
+    log.info("%s: layout %s, %d sequence(s) of %d frames", source.label, source.layout, source.sequences, source.steps)
+    log.info(
+        "training %s parameters on %d windows (%d held out) on %s, %s, %d process(es); run directory %s",
+        f"{count_parameters(run.model):,}",
+        len(run.train_windows),
+        len(run.val_windows),
+        run.device,
+        str(run.precision).removeprefix("torch."),
+        run.world,
+        run.run_dir,
+    )
+
+
+def _log_epoch(record: dict, epochs: int, batch: int, batches_in_epoch: int, improved: bool) -> None:
+    def shown(value: float | None, digits: str) -> str:
+        return "-" if value is None else format(value, digits)
+
+    log.info(
+        "epoch %d/%d%s  train loss %s  val loss %s  %s seq/s%s",
+        record["epoch"],
+        epochs,
+        f" (cut short: {batch} of {batches_in_epoch} batches)" if batch else "",
+        shown(record["train_loss"], ".4f"),
+        shown(record["val_loss"], ".4f"),
+        shown(record["seq_per_s"], ".1f"),
+        "  (best)" if improved else "",
+    )
+
+
+# -- small helpers
+
+
+def new_run_dir(data_path: str) -> str:
+    stem = os.path.splitext(os.path.basename(data_path))[0] or "run"
+    return os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _loader(dataset: WindowDataset, batch_lists: list[list[int]], workers: int, device: torch.device):
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_lists, num_workers=workers, pin_memory=device.type == "cuda"
+    )
+
+
+def _write_metrics(run_dir: str, record: dict) -> None:
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def _split(
+    batch: torch.Tensor, normalisation: Normalisation, spec: DataSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    frames, valid = normalisation.normalise(batch)
+    return frames[:, : spec.input_frames], frames[:, spec.input_frames :], valid[:, spec.input_frames :]

@@ -70,6 +70,14 @@ def resolve(name: str, units: str) -> str:
     return "dbz" if plain in REFLECTIVITY_UNITS else "none"
 
 
+def from_saved(values: dict) -> dict:
+    """Saved settings with the transform named: checkpoints from before held ``log_transform``, a bool."""
+    values = dict(values)
+    legacy = values.pop("log_transform", None)
+    values.setdefault("transform", "log" if legacy else "none")
+    return values
+
+
 def forward(name: str, x: torch.Tensor) -> torch.Tensor:
     """Data units -> model space; NaN stays NaN."""
     return torch.where(torch.isnan(x), x, TRANSFORMS[name][0](x))

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from convgru_cli import data
-from convgru_cli.datafiles import inspect_file
+from convgru_cli import hdf5, normalisation, sources, windowing
 from convgru_cli.errors import UserError
+from convgru_cli.inspection import inspect_file
 from convgru_cli.synth import font_glyphs, moving_digits
 from tests.conftest import write_h5
 
 
 def _frames(path, layout=None, cache=None, dataset=None):
-    with data.open_hdf5(path) as file:
-        return data.Frames(file, data.pick_dataset(file, dataset), layout, cache=cache)
+    with hdf5.open_hdf5(path) as file:
+        return sources.StackedFrames(file, hdf5.pick_dataset(file, dataset), layout, cache=cache)
 
 
 # Each stored layout must yield the same [T, C, H, W] windows as the canonical array.
@@ -52,14 +52,14 @@ def test_auto_layout_by_rank(tmp_path):
 
 def test_uint8_stays_uint8_until_the_batch(digits_file):
     frames = _frames(digits_file)
-    item = data.WindowDataset(frames, data.windows(frames, 6, 1), 6)[0]
+    item = windowing.WindowDataset(frames, windowing.windows(frames, 6, 1), 6)[0]
     assert item.dtype == torch.uint8 and item.shape == (6, 1, 32, 32)
 
 
 def test_series_split_shares_no_frame(series_file):
     frames = _frames(series_file)
-    spec = data.DataSpec("frames", "THW", 4, 4, stride=1, val_fraction=0.25)
-    train, val = data.split_windows(frames, spec)
+    spec = windowing.DataSpec("frames", "THW", 4, 4, stride=1, val_fraction=0.25)
+    train, val = windowing.split_windows(frames, spec)
     train_frames = {s + k for _, s in train for k in range(spec.window)}
     val_frames = {s + k for _, s in val for k in range(spec.window)}
     assert train and val and not train_frames & val_frames
@@ -70,7 +70,9 @@ def test_series_split_shares_no_frame(series_file):
 
 def test_sequence_split_holds_out_whole_sequences(digits_file):
     frames = _frames(digits_file)
-    train, val = data.split_windows(frames, data.DataSpec("frames", "NTHW", 3, 3, stride=1, val_fraction=0.25))
+    train, val = windowing.split_windows(
+        frames, windowing.DataSpec("frames", "NTHW", 3, 3, stride=1, val_fraction=0.25)
+    )
     assert {n for n, _ in train}.isdisjoint({n for n, _ in val})
     assert len({n for n, _ in val}) == 6
 
@@ -78,8 +80,8 @@ def test_sequence_split_holds_out_whole_sequences(digits_file):
 def test_normalisation_from_training_windows(tmp_path):
     array = np.random.default_rng(0).normal(5.0, 2.0, size=(20, 6, 8, 8)).astype(np.float32)
     frames = _frames(write_h5(tmp_path / "n.h5", array))
-    train, _ = data.split_windows(frames, data.DataSpec("frames", "NTHW", 3, 3, val_fraction=0.5))
-    norm = data.compute_normalisation(frames, train, 6)
+    train, _ = windowing.split_windows(frames, windowing.DataSpec("frames", "NTHW", 3, 3, val_fraction=0.5))
+    norm = normalisation.compute_normalisation(frames, train, 6)
     assert norm.offset[0] == pytest.approx(array[:10].mean(), rel=1e-4)
     assert norm.scale[0] == pytest.approx(array[:10].std(), rel=1e-3)
     batch = torch.from_numpy(array[:2]).unsqueeze(2)
@@ -92,7 +94,7 @@ def test_nan_is_masked_not_propagated(tmp_path):
     array = np.ones((4, 6, 8, 8), dtype=np.float32)
     array[0, 0, 0, 0] = np.nan
     frames = _frames(write_h5(tmp_path / "nan.h5", array))
-    norm = data.compute_normalisation(frames, data.windows(frames, 6, 1), 6)
+    norm = normalisation.compute_normalisation(frames, windowing.windows(frames, 6, 1), 6)
     normalised, valid = norm.normalise(torch.from_numpy(array).unsqueeze(2))
     assert not valid[0, 0, 0, 0, 0] and valid.sum() == array.size - 1
     assert torch.isfinite(normalised).all()
@@ -108,7 +110,7 @@ def test_nan_is_masked_not_propagated(tmp_path):
 )
 def test_bad_files_are_user_errors(tmp_path, make, message):
     with pytest.raises(UserError, match=message):
-        data.open_hdf5(make(tmp_path))
+        hdf5.open_hdf5(make(tmp_path))
 
 
 def test_dataset_problems_are_user_errors(tmp_path):
@@ -116,18 +118,18 @@ def test_dataset_problems_are_user_errors(tmp_path):
     with h5py.File(path, "a") as file:
         file["other"] = np.zeros((3, 4, 4))
         file["flat"] = np.zeros(7)
-    with data.open_hdf5(path) as file:
+    with hdf5.open_hdf5(path) as file:
         with pytest.raises(UserError, match="--dataset"):
-            data.pick_dataset(file, None)
+            hdf5.pick_dataset(file, None)
         with pytest.raises(UserError, match="no dataset 'nope'"):
-            data.pick_dataset(file, "nope")
+            hdf5.pick_dataset(file, "nope")
         with pytest.raises(UserError, match="not a frame sequence"):
-            data.Frames(file, "flat")
+            sources.StackedFrames(file, "flat")
         with pytest.raises(UserError, match="layout NTCHW has 5 axes"):
-            data.Frames(file, "frames", "NTCHW")
+            sources.StackedFrames(file, "frames", "NTCHW")
     frames = _frames(path, dataset="frames")
     with pytest.raises(UserError, match="fewer than the 6 needed"):
-        data.windows(frames, 6, 1)
+        windowing.windows(frames, 6, 1)
 
 
 def test_digits_move_inside_frames_barely_larger_than_a_digit():
@@ -139,10 +141,10 @@ def test_digits_move_inside_frames_barely_larger_than_a_digit():
 def test_a_file_name_with_brackets_is_that_file_not_a_pattern(tmp_path):
     named = tmp_path / "obs[1].h5"
     named.write_bytes(b"")
-    assert data.expand_paths([str(named)]) == [str(named)]
-    assert data.expand_paths([str(tmp_path / "obs*.h5")]) == [str(named)]
+    assert sources.expand_paths([str(named)]) == [str(named)]
+    assert sources.expand_paths([str(tmp_path / "obs*.h5")]) == [str(named)]
     with pytest.raises(UserError, match="matches no file"):
-        data.expand_paths([str(tmp_path / "radar-[0-9].h5")])
+        sources.expand_paths([str(tmp_path / "radar-[0-9].h5")])
 
 
 def test_inspect_reports_byte_string_attributes_as_text_and_checks_the_window(tmp_path):
@@ -157,8 +159,8 @@ def test_inspect_reports_byte_string_attributes_as_text_and_checks_the_window(tm
 
 def test_several_files_are_held_in_memory_only_if_all_fit_together(tmp_path, monkeypatch):
     files = [write_h5(tmp_path / f"d{i}.h5", np.zeros((4, 6, 8, 8), np.uint8)) for i in range(3)]  # 1,536 B each
-    monkeypatch.setattr(data, "CACHE_BYTES", 4000)
-    assert data.open_frames(files[:1], None).in_memory
-    assert data.open_frames(files[:2], None).in_memory
-    assert not data.open_frames(files, None).in_memory
-    assert data.open_frames(files, None, cache=True).in_memory
+    monkeypatch.setattr(sources, "CACHE_BYTES", 4000)
+    assert sources.open_frames(files[:1], None).in_memory
+    assert sources.open_frames(files[:2], None).in_memory
+    assert not sources.open_frames(files, None).in_memory
+    assert sources.open_frames(files, None, cache=True).in_memory

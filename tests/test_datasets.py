@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from convgru_cli import data, train
+from convgru_cli import errors, hdf5, normalisation, sources, train, windowing
 from convgru_cli.cli import app
 from convgru_cli.synth import font_glyphs, moving_digits
 from tests.conftest import write_h5
@@ -76,12 +76,12 @@ def test_mask_dataset_marks_no_data(tmp_path):
         mask[:, :, :8] = False
         file["mask"] = mask
         file["short_mask"] = mask[:, :3]
-    with data.open_hdf5(path) as file:
-        frames = data.Frames(file, "frames")
+    with hdf5.open_hdf5(path) as file:
+        frames = sources.StackedFrames(file, "frames")
         window = frames.read(0, 0, 6)
         assert np.isnan(window[:, :, :8]).all() and np.isfinite(window[:, :, 8:]).all()
-        with pytest.raises(data.UserError, match="mask of shape"):
-            data.Frames(file, "frames", mask_dataset="short_mask")
+        with pytest.raises(errors.UserError, match="mask of shape"):
+            sources.StackedFrames(file, "frames", mask_dataset="short_mask")
 
 
 def test_nan_policy_is_about_the_datas_own_nan_not_the_masks(tmp_path):
@@ -92,16 +92,16 @@ def test_nan_policy_is_about_the_datas_own_nan_not_the_masks(tmp_path):
     path = write_h5(tmp_path / "m.h5", array)
     with h5py.File(path, "a") as file:
         file["mask"] = mask
-    with data.open_hdf5(path) as file:
+    with hdf5.open_hdf5(path) as file:
         for policy in ("error", "zero", "mask"):
-            window = data.Frames(file, "frames", nan_policy=policy).read(0, 0, 6)
+            window = sources.StackedFrames(file, "frames", nan_policy=policy).read(0, 0, 6)
             assert np.isnan(window[:, :, :8]).all() and np.isfinite(window[:, :, 8:]).all(), policy
     with h5py.File(path, "a") as file:
         file["frames"][0, 0, 20, 20] = np.nan  # a NaN the mask does not cover
-    with data.open_hdf5(path) as file:
-        with pytest.raises(data.UserError, match="NaN values"):
-            data.Frames(file, "frames", nan_policy="error").read(0, 0, 6)
-        window = data.Frames(file, "frames", nan_policy="zero").read(0, 0, 6)
+    with hdf5.open_hdf5(path) as file:
+        with pytest.raises(errors.UserError, match="NaN values"):
+            sources.StackedFrames(file, "frames", nan_policy="error").read(0, 0, 6)
+        window = sources.StackedFrames(file, "frames", nan_policy="zero").read(0, 0, 6)
         assert window[0, 0, 20, 20] == 0 and np.isnan(window[:, :, :8]).all()
 
 
@@ -132,9 +132,11 @@ def test_balanced_weights_follow_the_target():
 
 def test_log_transform_round_trips_and_statistics_live_in_log_space(tmp_path):
     rain = np.random.default_rng(0).gamma(0.5, 4.0, size=(6, 6, 16, 16)).astype(np.float32)
-    with data.open_hdf5(write_h5(tmp_path / "r.h5", rain)) as file:
-        frames = data.Frames(file, "frames")
-    norm = data.compute_normalisation(frames, data.windows(frames, 6, 6), 6, transform="log", clip=(0, 50))
+    with hdf5.open_hdf5(write_h5(tmp_path / "r.h5", rain)) as file:
+        frames = sources.StackedFrames(file, "frames")
+    norm = normalisation.compute_normalisation(
+        frames, windowing.windows(frames, 6, 6), 6, transform="log", clip=(0, 50)
+    )
     assert norm.offset[0] == pytest.approx(np.log1p(np.clip(rain, 0, 50)).mean(), rel=1e-4)
     batch = torch.from_numpy(np.clip(rain, 0, 50)).unsqueeze(2)
     normalised, _ = norm.normalise(batch)
@@ -209,8 +211,8 @@ def test_import_numpy_moving_mnist_order(tmp_path):
     np.save(source, DIGITS.transpose(1, 0, 2, 3))  # [T, N, H, W] like the standard file
     result = runner.invoke(app, ["data", "import", str(source), str(tmp_path / "m.h5"), "--layout", "TNHW"])
     assert result.exit_code == 0, result.output
-    with data.open_hdf5(str(tmp_path / "m.h5")) as file:
-        frames = data.Frames(file, "frames")
+    with hdf5.open_hdf5(str(tmp_path / "m.h5")) as file:
+        frames = sources.StackedFrames(file, "frames")
         assert frames.layout == "TNHW" and frames.sequences == 8
         np.testing.assert_array_equal(frames.read(3, 1, 4)[:, 0], DIGITS[3, 1:5])
     with h5py.File(tmp_path / "m.h5") as file:

@@ -86,7 +86,7 @@ def test_merged_state_equals_one_pass():
     first, second = Scores(3, 10.0, thresholds=(2.0, 5.0)), Scores(3, 10.0, thresholds=(2.0, 5.0))
     first.update(prediction[:2], truth[:2])
     second.update(prediction[2:], truth[2:])
-    first.merge(second)
+    first.load_state(first.state() + second.state())
     for name, values in whole.compute().items():
         assert first.compute()[name] == pytest.approx(values), name
     restored = Scores(3, 10.0, thresholds=(2.0, 5.0))

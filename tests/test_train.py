@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from convgru_cli import checkpoint, train
-from convgru_cli.data import DataSpec
 from convgru_cli.errors import UserError
 from convgru_cli.model import make_config
+from convgru_cli.windowing import DataSpec
 
 SPEC = DataSpec(dataset=None, layout=None, input_frames=3, output_frames=3, stride=2, val_fraction=0.25)
 
@@ -191,7 +191,7 @@ def test_foreign_file_is_refused(tmp_path):
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path):
-    from convgru_cli.files import write_atomically
+    from convgru_cli.atomic import write_atomically
 
     target = tmp_path / "out.bin"
     target.write_bytes(b"previous")

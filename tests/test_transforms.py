@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from convgru_cli import data, transforms
+from convgru_cli import normalisation, transforms, windowing
 from convgru_cli.errors import UserError
+from convgru_cli.hdf5 import open_hdf5
+from convgru_cli.sources import StackedFrames
 from tests.conftest import write_h5
 
 
@@ -40,17 +42,19 @@ def test_unknown_transform_is_a_user_error():
 
 
 def test_checkpoints_from_before_named_transforms_are_read_as_they_were_trained():
-    spec = data.DataSpec.from_dict({"dataset": "frames", "layout": "THW", "log_transform": True})
+    spec = windowing.DataSpec.from_dict({"dataset": "frames", "layout": "THW", "log_transform": True})
     assert spec.transform == "log"
-    assert data.DataSpec.from_dict({"dataset": "frames", "layout": "THW", "log_transform": False}).transform == "none"
+    assert (
+        windowing.DataSpec.from_dict({"dataset": "frames", "layout": "THW", "log_transform": False}).transform == "none"
+    )
 
 
 def test_rain_statistics_live_in_db_and_no_data_is_left_out(tmp_path):
     rain = np.random.default_rng(0).gamma(0.5, 4.0, size=(12, 16, 16)).astype(np.float32)
     rain[:, 0, 0] = np.nan
-    with data.open_hdf5(write_h5(tmp_path / "r.h5", rain)) as file:
-        frames = data.Frames(file, "frames")
-        norm = data.compute_normalisation(frames, data.windows(frames, 6, 6), 6, transform="db")
+    with open_hdf5(write_h5(tmp_path / "r.h5", rain)) as file:
+        frames = StackedFrames(file, "frames")
+        norm = normalisation.compute_normalisation(frames, windowing.windows(frames, 6, 6), 6, transform="db")
     valid = rain[np.isfinite(rain)]
     expected = np.where(valid >= 0.1, 10 * np.log10(np.maximum(valid, 0.1)), -15.0)
     assert norm.offset[0] == pytest.approx(expected.mean(), rel=1e-4)

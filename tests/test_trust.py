@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from convgru_cli import checkpoint, train
+from convgru_cli import checkpoint, train, windowing
 from convgru_cli.cli import app
 from convgru_cli.synth import font_glyphs, moving_digits
 from tests.conftest import write_h5
@@ -73,7 +73,7 @@ def test_config_file_with_command_line_overrides_and_repeat(run, tmp_path):
 def test_patience_stops_early(digits_file, tmp_path, monkeypatch):
     losses = iter([1.0, 2.0, 3.0, 4.0, 5.0])
     monkeypatch.setattr(train, "validate", lambda *args: next(losses))
-    spec = train.data.DataSpec(None, None, 3, 3, stride=2, val_fraction=0.25)
+    spec = windowing.DataSpec(None, None, 3, 3, stride=2, val_fraction=0.25)
     config = train.TrainConfig(epochs=5, batch_size=4, patience=2, device="cpu", precision="fp32")
     from convgru_cli.model import make_config
 

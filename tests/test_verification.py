@@ -138,7 +138,7 @@ def test_scoring_a_forecast_file_from_any_model(model_run, tmp_path):
     import json
 
     report = json.loads(own.stdout)
-    assert report["truth_start"] == 4 and set(report["scores"]) == {"forecast", "persistence", "optical_flow"}
+    assert report["truth_start"] == 4 and set(report["scores"]) == {"forecast", *baselines.METHODS}
     direct = json.loads(
         runner.invoke(app, ["evaluate", data, "--checkpoint", best, "--json", "--precision", "fp32"]).stdout
     )

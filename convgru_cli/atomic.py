@@ -16,15 +16,12 @@ from convgru_cli.errors import UserError
 _writing: dict[str, int] = {}  # temporary file -> the process writing it (a forked worker must not remove it)
 
 
-def stop_on_signal(number: int, frame) -> None:
-    """SIGTERM (kill, timeout, a batch scheduler): remove this process's temporary files and exit 130 at once.
-    Raising KeyboardInterrupt instead can land in a finalizer, where Python ignores it."""
+def remove_own_temporaries() -> None:
+    """Remove the temporary files this process is writing (a forked worker leaves its parent's alone)."""
     for path, pid in list(_writing.items()):
         if pid == os.getpid():
             with contextlib.suppress(OSError):
                 os.unlink(path)
-    os.write(2, b"convgru: interrupted\n")
-    os._exit(130)
 
 
 def refuse_existing(paths: list[str | None], force: bool) -> None:

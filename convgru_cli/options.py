@@ -1,0 +1,177 @@
+"""Options shared between commands, their choices taken from the library's registries, the parsers of
+option text, and train's ``--config`` file: what the command line needs beyond Typer itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from typing import Annotated
+
+import typer
+
+from convgru_cli.device import PRECISIONS
+from convgru_cli.errors import UserError
+from convgru_cli.model import ARCHITECTURES, CELLS, FORECASTERS
+from convgru_cli.sources import NAN_POLICIES
+from convgru_cli.train import LOSSES, TrainConfig
+from convgru_cli.transforms import CHOICES as TRANSFORMS
+from convgru_cli.windowing import DataSpec
+
+
+def one_of(choices) -> str:
+    """ "a, b or c"."""
+    names = list(choices)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+DataArg = Annotated[str | None, typer.Argument(help="HDF5 file; standard input when omitted.", show_default=False)]
+DataFilesArg = Annotated[
+    list[str] | None, typer.Argument(help="HDF5 file(s) or globs to score, scored as one set (default: stdin).")
+]
+DatasetOpt = Annotated[str | None, typer.Option(help="HDF5 dataset holding the frames (auto when only one).")]
+LayoutOpt = Annotated[str | None, typer.Option(help="Axis letters, e.g. NTHW, NTCHW, THW, TCHW (auto by rank).")]
+CheckpointOpt = Annotated[str | None, typer.Option(help="Checkpoint; default: the newest runs/*/best.pt.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
+PrecisionOpt = Annotated[str, typer.Option(help=f"{one_of(PRECISIONS)}; auto: bf16 where fast.")]
+CompileOpt = Annotated[
+    bool, typer.Option(help="torch.compile the model (CUDA graphs on CUDA); minutes to start, pays on long runs.")
+]
+BatchSizeOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+# train's own
+NanPolicyOpt = Annotated[
+    str, typer.Option(help=f"NaN (no data): {one_of(NAN_POLICIES)} (mask: out of loss and scores).")
+]
+ArchOpt = Annotated[str, typer.Option(help=f"Architecture: {one_of(ARCHITECTURES)}.")]
+CellOpt = Annotated[str, typer.Option(help=f"{one_of(CELLS)}.")]
+ForecasterOpt = Annotated[
+    str,
+    typer.Option(
+        help=f"{one_of(FORECASTERS)}: anchored carries the last frame along its estimated motion and learns the "
+        "corrections; shi redraws every frame from hidden state (Shi et al. 2017)."
+    ),
+]
+TransformOpt = Annotated[
+    str,
+    typer.Option(
+        help=f"Space the model works in: {one_of(TRANSFORMS)}; auto: dB for rain (mm/h, mm), the no-echo floor "
+        "for dBZ, none otherwise."
+    ),
+]
+LossOpt = Annotated[str, typer.Option(help=f"{one_of(LOSSES)} (balanced: Shi 2017, for rain).")]
+EpochsOpt = Annotated[
+    int | None, typer.Option(help=f"Passes over the training windows [default: {TrainConfig.epochs}].")
+]
+CacheOpt = Annotated[str, typer.Option(help="Hold the data in memory: auto (if it fits in 2 GiB), on, off.")]
+
+# Options that say how to run, not what to train: never read from or saved to a config file, and given anew
+# when a run is resumed.
+NOT_IN_CONFIG = {"config", "out", "resume", "force", "as_json"}
+NOT_OF_THE_RUN = {"data", "resume", "threads", "as_json"}
+
+
+def floats(text: str | None, option: str) -> tuple[float, ...]:
+    """ "0.5,2,5" -> (0.5, 2.0, 5.0); nothing -> ()."""
+    if not text:
+        return ()
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"{option} {text}: expected numbers separated by commas, e.g. 0.5,2,5") from None
+
+
+def words(text: str | None) -> tuple[str, ...]:
+    """ "0.5, 2mm/h" -> ("0.5", "2mm/h")."""
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+def cache_choice(choice: str) -> bool | None:
+    if choice not in ("auto", "on", "off"):
+        raise UserError(f"--cache {choice}: choose auto, on or off")
+    return None if choice == "auto" else choice == "on"
+
+
+def fields_of(cls, options: dict) -> dict:
+    """The options named as the fields of dataclass ``cls``, as its keyword arguments."""
+    return {f.name: options[f.name] for f in dataclasses.fields(cls) if f.name in options}
+
+
+def train_configs(options: dict) -> tuple[DataSpec, TrainConfig]:
+    """The data spec and train configuration that train's (merged) options describe."""
+    clip = floats(options["clip"], "--clip") if options["clip"] else None
+    spec = DataSpec(**{**fields_of(DataSpec, options), "clip": clip})
+    config = TrainConfig(
+        **{
+            **fields_of(TrainConfig, options),
+            "epochs": TrainConfig.epochs if options["epochs"] is None else options["epochs"],
+            "balance_thresholds": floats(options["balance_thresholds"], "--balance-thresholds"),
+            "balance_weights": floats(options["balance_weights"], "--balance-weights"),
+            "cache": cache_choice(options["cache"]),
+        }
+    )
+    return spec, config
+
+
+def train_options(ctx: typer.Context, config_path: str | None) -> dict:
+    """train's options with the --config file's merged in, naming at least one data file."""
+    options = merge_config(ctx, config_path)
+    if not options["data"]:
+        raise UserError("no data file: name one, or give 'data' in --config")
+    if isinstance(options["data"], str):
+        options["data"] = [options["data"]]
+    return options
+
+
+def resume_changes(ctx: typer.Context, options: dict) -> dict:
+    """The run's options given on the command line with --resume (train.resume says which may change)."""
+    given = {name for name in ctx.params if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+    changes = {name: options[name] for name in given - NOT_OF_THE_RUN}
+    if "cache" in changes:
+        changes["cache"] = cache_choice(changes["cache"])
+    return changes
+
+
+def merge_config(ctx: typer.Context, path: str | None) -> dict:
+    """The command's options: a TOML file's values where the command line left the default."""
+    options = dict(ctx.params)
+    if path is None:
+        return options
+    try:
+        with open(path, "rb") as file:
+            from_file = tomllib.load(file)
+    except OSError as error:
+        raise UserError(f"--config {path}: cannot read ({error.strerror})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"--config {path}: not valid TOML ({error})") from None
+    parameters = {parameter.name: parameter for parameter in ctx.command.params}
+    for key, value in from_file.items():
+        name = key.replace("-", "_")
+        if name not in options or name in NOT_IN_CONFIG:
+            raise UserError(f"--config {path}: unknown train option {key!r}")
+        parameter = parameters[name]
+        single = parameter.nargs == 1 and not parameter.multiple
+        if isinstance(value, list) and single:
+            value = ",".join(str(item) for item in value)  # clip = [0, 200], as --clip 0,200
+        elif isinstance(value, str) and not single:
+            value = [value]  # data = "radar.h5"
+        try:
+            value = parameter.process_value(ctx, value)  # the checks the command line gets
+        except typer.BadParameter as error:
+            raise UserError(f"--config {path}: {key} = {value!r}: {error.message}") from None
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            options[name] = value
+    return options
+
+
+def to_toml(options: dict) -> str:
+    """Flat TOML of the options that go in a config file; JSON's literals for strings, numbers and booleans
+    are valid TOML."""
+    lines = [
+        f"{name.replace('_', '-')} = {json.dumps(value)}"
+        for name, value in options.items()
+        if value is not None and name not in NOT_IN_CONFIG
+    ]
+    return "\n".join(lines) + "\n"
