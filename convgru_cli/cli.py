@@ -80,6 +80,9 @@ def train(
         str, typer.Option(help="--loss balanced: weight below, between, above.")
     ] = "1,2,5,10,30",
     grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this; 0: no clipping.")] = 1.0,
+    distribution_weight: Annotated[
+        float, typer.Option(help="Weight of the loss on each frame's sorted values: keeps the observed intensities.")
+    ] = 0.0,
     seed: int = 0,
     max_time: Annotated[float | None, typer.Option(help="Stop cleanly after this many seconds of training.")] = None,
     patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without a better val loss.")] = None,

@@ -49,6 +49,9 @@ class TrainConfig:
     balance_thresholds: tuple[float, ...] = (2.0, 5.0, 10.0, 30.0)
     balance_weights: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0)
     grad_clip: float = 1.0
+    # Weight of the distribution term: the sorted values of each forecast frame against the observed frame's
+    # (a 1-D Wasserstein distance), which a forecast that blurs or fades away from the observation pays for.
+    distribution_weight: float = 0.0
     seed: int = 0
     max_time: float | None = None
     patience: int | None = None
@@ -65,6 +68,8 @@ class TrainConfig:
         check_batch_size(self.batch_size)
         if self.lr <= 0:
             raise UserError("--lr must be positive")
+        if not self.distribution_weight >= 0:  # NaN too
+            raise UserError(f"--distribution-weight {self.distribution_weight:g}: must be 0 or more")
         if self.grad_clip < 0:
             raise UserError(f"--grad-clip {self.grad_clip:g}: must not be negative (0: no clipping)")
         if self.loss not in LOSSES:
@@ -114,6 +119,17 @@ def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.
     else:
         per_pixel = error.square() + error.abs()
     return (per_pixel * weight).sum() / (weight > 0).sum().clamp(min=1)
+
+
+def distribution_loss(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between the sorted values of each forecast frame and of its observed frame, over
+    the pixels with data: zero for any rearrangement of the observed values, so it leaves placement to the
+    pixel-wise loss and only asks that the forecast keep the observation's intensities."""
+    floor = torch.finfo(prediction.dtype).min  # no-data pixels sort first, in both, and cancel
+    flat_prediction = torch.where(valid, prediction, floor).flatten(2).sort(dim=-1).values
+    flat_target = torch.where(valid, target, floor).flatten(2).sort(dim=-1).values
+    gap = (flat_prediction - flat_target).abs().where(flat_target > floor, 0.0)
+    return gap.sum() / valid.sum().clamp(min=1)
 
 
 def balance_weights(raw_target: torch.Tensor, config: TrainConfig) -> torch.Tensor:
@@ -375,6 +391,8 @@ def train_step(run: Run, batch: torch.Tensor, started: float) -> tuple[float, bo
     with autocast(run.device, run.precision):
         prediction = run.net(inputs, spec.output_frames)
     loss = weighted_loss(prediction.float(), target, weight, config.loss)
+    if config.distribution_weight:
+        loss = loss + config.distribution_weight * distribution_loss(prediction.float(), target, valid)
     loss_value = loss.item()  # the one host-device sync of the step
     if not math.isfinite(loss_value):
         raise UserError(
