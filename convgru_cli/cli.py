@@ -68,6 +68,13 @@ def train(
     transform: options.TransformOpt = "auto",
     clip: Annotated[str | None, typer.Option(help="LOW,HIGH bounds in data units, applied first.")] = None,
     cache: options.CacheOpt = "auto",
+    crop: Annotated[
+        str | None,
+        typer.Option(help="Train on random crops of SIZE or H,W pixels, drawn anew each epoch; forecasts stay whole."),
+    ] = None,
+    augment: Annotated[
+        bool, typer.Option(help="Turn, mirror and (rain) rescale each training window by 1/2 to 4, drawn by the seed.")
+    ] = False,
     arch: options.ArchOpt = "fast",
     cell: options.CellOpt = "convgru",
     forecaster: options.ForecasterOpt = "anchored",

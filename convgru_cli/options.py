@@ -87,6 +87,19 @@ def words(text: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
+def crop_size(text: str | None) -> tuple[int, int] | None:
+    """ "256" -> (256, 256); "128,256" -> (128, 256); nothing -> None."""
+    if not text:
+        return None
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise UserError(f"--crop {text}: expected SIZE or HEIGHT,WIDTH in pixels, e.g. 256 or 128,256")
+    return (sizes[0], sizes[-1])
+
+
 def cache_choice(choice: str) -> bool | None:
     if choice not in ("auto", "on", "off"):
         raise UserError(f"--cache {choice}: choose auto, on or off")
@@ -109,6 +122,7 @@ def train_configs(options: dict) -> tuple[DataSpec, TrainConfig]:
             "balance_thresholds": floats(options["balance_thresholds"], "--balance-thresholds"),
             "balance_weights": floats(options["balance_weights"], "--balance-weights"),
             "cache": cache_choice(options["cache"]),
+            "crop": crop_size(options["crop"]),
         }
     )
     return spec, config

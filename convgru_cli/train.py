@@ -61,6 +61,8 @@ class TrainConfig:
     precision: str = "auto"
     workers: int | None = None
     cache: bool | None = None  # hold the data in memory: None decides by size
+    crop: tuple[int, int] | None = None  # train on random crops of this (height, width): see WindowDataset
+    augment: bool = False  # turn, flip and (rain) rescale each training window: see augmented
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -119,6 +121,25 @@ def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.
     else:
         per_pixel = error.square() + error.abs()
     return (per_pixel * weight).sum() / (weight > 0).sum().clamp(min=1)
+
+
+def augmented(batch: torch.Tensor, seed: int, rescale: bool) -> torch.Tensor:
+    """Each window [T, C, H, W] of ``batch`` turned by a multiple of 90 degrees (square frames), mirrored or not,
+    and with ``rescale`` (rain rates) multiplied by a factor from 1/2 to 4: rain moves and grows the same way
+    whatever the compass direction, and a model trained on one event meets heavier and lighter rain on others.
+    Drawn from ``seed`` (train passes one per step), so a resumed run repeats them."""
+    generator = torch.Generator().manual_seed(seed)
+    square = batch.shape[-1] == batch.shape[-2]
+    windows = []
+    for window in batch:
+        turns = int(torch.randint(4 if square else 1, (1,), generator=generator))
+        window = torch.rot90(window, turns, dims=(-2, -1))
+        if torch.rand(1, generator=generator) < 0.5:
+            window = window.flip(-1)
+        if rescale:
+            window = window * float(2 ** (3 * torch.rand(1, generator=generator) - 1))
+        windows.append(window)
+    return torch.stack(windows)
 
 
 def distribution_loss(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -274,7 +295,7 @@ def train(
             100 * normalisation.nan_fraction,
         )
     model_config = replace(model_config, channels=source.channels)
-    _check_fits(model_config, source)
+    _check_fits(model_config, source, config.crop)
     if placement.rank == 0:
         _prepare_run_dir(run_dir, force)
     run = _build(run_dir, config, model_config, normalisation, data, placement)
@@ -290,7 +311,7 @@ def resume(data_path: str | list[str], run_dir: str, show_progress: bool = True,
     model_config, spec, normalisation = checkpoint.configs(saved)
     placement = _placement(config, spec)
     data = _open_data(data_path, spec, config, placement.world)
-    _check_fits(model_config, data.source)
+    _check_fits(model_config, data.source, config.crop)
     run = _build(run_dir, config, model_config, normalisation, data, placement)
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
@@ -359,7 +380,8 @@ def train_epoch(run: Run, started: float, show_progress: bool) -> Epoch:
         leave=False,
     )
     epoch = Epoch(len(batch_lists))
-    train_set = WindowDataset(run.source, run.train_windows, run.spec.window)
+    epoch_seed = config.seed * 100_003 + progress.epoch
+    train_set = WindowDataset(run.source, run.train_windows, run.spec.window, crop=config.crop, seed=epoch_seed)
     for batch in _loader(train_set, batch_lists[progress.batch :], run.workers, run.device):
         loss_value, epoch.out_of_time = train_step(run, batch, started)
         epoch.seen += len(batch)
@@ -376,6 +398,8 @@ def train_step(run: Run, batch: torch.Tensor, started: float) -> tuple[float, bo
     """One optimizer step on ``batch``: (its loss, whether --max-time is reached)."""
     config, spec, progress = run.config, run.spec, run.progress
     raw = batch.to(run.device, non_blocking=True)
+    if config.augment:
+        raw = augmented(raw, config.seed * 1_000_003 + progress.step, rescale=spec.transform == "db")
     inputs, target, valid = _split(raw, run.normalisation, spec)
     weight = valid.float()
     if config.loss == "balanced":
@@ -507,10 +531,17 @@ def _open_data(data_path: str | list[str], spec: DataSpec, config: TrainConfig, 
     return TrainingData(source, spec, train_windows, val_windows)
 
 
-def _check_fits(model_config: ModelConfig, source: FrameSource) -> None:
+def _check_fits(model_config: ModelConfig, source: FrameSource, crop: tuple[int, int] | None) -> None:
     if model_config.channels != source.channels:
         raise UserError(f"{source.label}: {source.channels} channels, but the model expects {model_config.channels}")
-    model_config.check_frame_size(source.height, source.width)
+    if crop is None:
+        model_config.check_frame_size(source.height, source.width)
+        return
+    if crop[0] > source.height or crop[1] > source.width:
+        raise UserError(f"--crop {crop[0]},{crop[1]}: larger than the {source.height}x{source.width} frames")
+    multiple = model_config.size_multiple
+    if crop[0] % multiple or crop[1] % multiple:
+        raise UserError(f"--crop {crop[0]},{crop[1]}: height and width must be multiples of {multiple} for this model")
 
 
 def _prepare_run_dir(run_dir: str, force: bool) -> None:

@@ -94,18 +94,53 @@ def split_windows(source: FrameSource, spec: DataSpec) -> tuple[list[Window], li
     return train, val
 
 
+CROP_TRIES = 4  # crops drawn per window before one without signal is accepted
+
+
 class WindowDataset(torch.utils.data.Dataset):
-    def __init__(self, source: FrameSource, window_list: list[Window], length: int):
+    """Windows of ``length`` frames; with ``crop`` (height, width), a random crop of each, drawn anew for every
+    ``seed`` (train passes one per epoch) and reproducible from it, so a resumed epoch sees the same crops."""
+
+    def __init__(
+        self,
+        source: FrameSource,
+        window_list: list[Window],
+        length: int,
+        crop: tuple[int, int] | None = None,
+        seed: int = 0,
+    ):
         self.source = source
         self.window_list = window_list
         self.length = length
+        self.crop = crop
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.window_list)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         sequence, start = self.window_list[index]
-        return torch.from_numpy(self.source.read(sequence, start, self.length))
+        window = torch.from_numpy(self.source.read(sequence, start, self.length))
+        return window if self.crop is None else self._cropped(window, index)
+
+    def _cropped(self, window: torch.Tensor, index: int) -> torch.Tensor:
+        """Up to CROP_TRIES random crops, the first that holds signal: at least half of its pixels with data and
+        values that vary (not all dry, not all no-data); failing that, the one that varies most."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        height, width = self.crop
+        best, best_spread = window, -1.0
+        for _ in range(CROP_TRIES):
+            top = int(torch.randint(window.shape[-2] - height + 1, (1,), generator=generator))
+            left = int(torch.randint(window.shape[-1] - width + 1, (1,), generator=generator))
+            crop = window[..., top : top + height, left : left + width]
+            values = crop.float()
+            valid = torch.isfinite(values)
+            spread = float(values[valid].std()) if valid.sum() > 1 else 0.0
+            if valid.float().mean() >= 0.5 and spread > 0:
+                return crop
+            if spread > best_spread:
+                best, best_spread = crop, spread
+        return best
 
 
 def check_batch_size(batch_size: int) -> None:

@@ -5,13 +5,14 @@ import signal
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from convgru_cli import checkpoint, train
 from convgru_cli.errors import UserError
 from convgru_cli.model import make_config
-from convgru_cli.windowing import DataSpec
+from convgru_cli.windowing import DataSpec, WindowDataset
 
 SPEC = DataSpec(dataset=None, layout=None, input_frames=3, output_frames=3, stride=2, val_fraction=0.25)
 
@@ -38,8 +39,10 @@ def test_training_lowers_the_loss_and_writes_the_run(digits_file, tmp_path):
     assert saved["data_spec"]["layout"] == "NTHW" and saved["normalisation"]["dtype"] == "uint8"
 
 
-def test_interrupted_run_resumes_to_the_same_weights(digits_file, tmp_path, monkeypatch):
-    straight = _run(digits_file, tmp_path / "straight")
+@pytest.mark.parametrize("crop", [None, (16, 16)])
+def test_interrupted_run_resumes_to_the_same_weights(digits_file, tmp_path, monkeypatch, crop):
+    """Random crops included: a resumed epoch draws the crops the uninterrupted one drew."""
+    straight = _run(digits_file, tmp_path / "straight", crop=crop)
 
     calls = {"n": 0}
     real_loss = train.weighted_loss
@@ -52,7 +55,7 @@ def test_interrupted_run_resumes_to_the_same_weights(digits_file, tmp_path, monk
 
     monkeypatch.setattr(train, "weighted_loss", interrupt_mid_epoch)
     with pytest.raises(train.Interrupted):
-        _run(digits_file, tmp_path / "resumed")
+        _run(digits_file, tmp_path / "resumed", crop=crop)
     monkeypatch.setattr(train, "weighted_loss", real_loss)
     progress = checkpoint.load(str(tmp_path / "resumed" / "last.pt"))["progress"]
     assert progress["epoch"] == 0 and progress["batch"] == 4
@@ -292,3 +295,39 @@ def test_grad_clip_zero_means_no_clipping(digits_file, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
     with pytest.raises(UserError, match="--grad-clip -1"):
         _run(digits_file, tmp_path / "negative", grad_clip=-1.0)
+
+
+def test_crops_are_drawn_anew_each_epoch_reproducibly_and_where_the_signal_is():
+    frames = np.zeros((1, 4, 1, 64, 64), dtype=np.float32)
+    frames[..., :32, :32] = np.random.default_rng(0).random((4, 1, 32, 32))  # signal in one quadrant only
+
+    class Source:  # WindowDataset reads through FrameSource.read alone
+        def read(self, sequence: int, start: int, length: int) -> np.ndarray:
+            return frames[sequence, start : start + length]
+
+    source, windows = Source(), [(0, 0)] * 20
+
+    def crops(seed: int) -> list[torch.Tensor]:
+        dataset = WindowDataset(source, windows, 4, crop=(16, 24), seed=seed)
+        return [dataset[i] for i in range(len(windows))]
+
+    first, again, other = crops(1), crops(1), crops(2)
+    assert all(crop.shape == (4, 1, 16, 24) for crop in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+    with_signal = sum(float(crop.std()) > 0 for crop in first)
+    assert with_signal >= 16  # one random crop in 4 or so would touch the quadrant; four tries find it
+
+
+def test_augmentation_turns_mirrors_and_rescales_rain_reproducibly():
+    batch = torch.arange(2 * 3 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 3, 1, 8, 8)
+    once, again = train.augmented(batch, 5, rescale=True), train.augmented(batch, 5, rescale=True)
+    torch.testing.assert_close(once, again)
+    for window, original in zip(train.augmented(batch, 5, rescale=False), batch, strict=True):
+        variants = [torch.rot90(original, k, dims=(-2, -1)) for k in range(4)]
+        variants += [v.flip(-1) for v in variants]
+        assert any(torch.equal(window, v) for v in variants)  # a symmetry of the square, nothing else
+    ratios = (once.flatten(1)[:, 1:].sum(dim=1) / batch.flatten(1)[:, 1:].sum(dim=1)).tolist()
+    assert all(0.5 <= r <= 4 for r in ratios)
+    draws = {tuple(train.augmented(batch, seed, rescale=False)[0, 0, 0, 0].tolist()) for seed in range(12)}
+    assert len(draws) > 2  # different steps draw different symmetries
