@@ -1,5 +1,7 @@
 """Baselines, scoring any model's forecast file, CSV and pictures."""
 
+import importlib.util
+
 import h5py
 import numpy as np
 import pytest
@@ -187,3 +189,18 @@ def test_a_forecast_file_is_scored_on_the_value_range_of_the_whole_truth_file(tm
         file.create_dataset("forecast", data=truth[:, 2:4] + 1).attrs["layout"] = "NTHW"  # MSE 1 everywhere
     report = evaluate.evaluate_forecasts(str(tmp_path / "f.h5"), str(tmp_path / "truth.h5"), truth_start=2)
     assert report["scores"]["forecast"]["psnr"] == pytest.approx([20.0, 20.0], abs=1e-4)  # 10 log10(10² / 1)
+
+
+def test_pysteps_baseline_is_listed_exactly_where_pysteps_is_installed():
+    assert ("pysteps" in baselines.METHODS) == (importlib.util.find_spec("pysteps") is not None)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pysteps") is None, reason="the optional extra convgru[pysteps] is absent")
+def test_pysteps_extrapolation_follows_a_translating_field(capsys):
+    sequence = _translating(size=64)
+    inputs, truth = sequence[:, :4], sequence[:, 4:]
+    forecast = baselines.get_method("pysteps").forecast(inputs, 4)
+    assert forecast.shape == truth.shape and torch.isfinite(forecast).all()
+    pysteps_error = (forecast - truth).square().mean()
+    assert pysteps_error < 0.5 * (baselines.persistence(inputs, 4) - truth).square().mean()
+    assert capsys.readouterr().out == ""  # nothing on stdout, which --json keeps for its document
