@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 from typing import Annotated
 
@@ -125,12 +126,20 @@ def train_options(ctx: typer.Context, config_path: str | None) -> dict:
 
 
 def resume_changes(ctx: typer.Context, options: dict) -> dict:
-    """The run's options given on the command line with --resume (train.resume says which may change)."""
+    """The run's options given on the command line with --resume, as the run records them (train.resume
+    compares them with the saved run and says which may change)."""
     given = {name for name in ctx.params if ctx.get_parameter_source(name).name == "COMMANDLINE"}
-    changes = {name: options[name] for name in given - NOT_OF_THE_RUN}
-    if "cache" in changes:
-        changes["cache"] = cache_choice(changes["cache"])
-    return changes
+    if "force" in given:
+        raise UserError("--force starts a run over and --resume continues one: give one of them")
+    if "out" in given:
+        if os.path.normpath(options["out"]) != os.path.normpath(options["resume"]):
+            raise UserError(
+                f"--out {options['out']}: --resume {options['resume']} continues the run in its own directory"
+            )
+        given.remove("out")
+    spec, config = train_configs(options)
+    recorded = {**options, **dataclasses.asdict(spec), **dataclasses.asdict(config)}
+    return {name: recorded[name] for name in given - NOT_OF_THE_RUN}
 
 
 def merge_config(ctx: typer.Context, path: str | None) -> dict:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from convgru_cli import checkpoint, distributed, signals, transforms
 from convgru_cli.device import autocast, compile_failure, compile_for, pad_batch, pick_device, pick_precision
 from convgru_cli.errors import UserError
-from convgru_cli.model import EncoderForecaster, ModelConfig, count_parameters
+from convgru_cli.model import ARCHITECTURES, EncoderForecaster, ModelConfig, count_parameters, make_config
 from convgru_cli.normalisation import Normalisation, compute_normalisation
 from convgru_cli.sources import FrameSource, open_frames
 from convgru_cli.windowing import DataSpec, WindowDataset, batches, check_batch_size, split_windows
@@ -158,12 +158,44 @@ def epoch_batches(windows: int, batch_size: int, seed: int, epoch: int, rank: in
 RESUME_CHANGES = ("epochs", "max_time", "patience", "device", "workers", "cache", "recompute")
 
 
-def check_resume_changes(names) -> None:
-    """A resumed run continues as it was saved: of its options only ``RESUME_CHANGES`` may be given anew."""
-    fixed = set(names) - set(RESUME_CHANGES)
-    if fixed:
-        options = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(fixed))
-        raise UserError(f"--resume continues a run as it was saved: {options} cannot change")
+def check_resume_changes(changes: dict, saved: dict) -> None:
+    """A resumed run continues as it was saved: of its options only ``RESUME_CHANGES`` may be given a new value.
+    The others may be repeated, as when --resume is added to the command that started the run, but not changed;
+    ``saved`` holds the run's values by option name."""
+    changed = sorted(
+        name for name, value in changes.items() if name not in RESUME_CHANGES and value != saved.get(name, value)
+    )
+    unknown = sorted(name for name in changes if name not in saved and name not in RESUME_CHANGES)
+    if changed or unknown:
+        details = [
+            f"--{name.replace('_', '-')} {_shown(changes[name])} (saved: {_shown(saved[name])})" for name in changed
+        ]
+        details += [f"--{name.replace('_', '-')}" for name in unknown]
+        raise UserError(f"--resume continues a run as it was saved: {', '.join(details)} cannot change")
+
+
+def saved_options(saved: dict, model_config: ModelConfig) -> dict:
+    """A checkpoint's run as the values of train's options, to compare with those given to --resume."""
+    arch = next(
+        (
+            name
+            for name in ARCHITECTURES
+            if make_config(name, model_config.channels, model_config.cell, model_config.forecaster) == model_config
+        ),
+        None,
+    )
+    options = {**saved["data_spec"], **saved["train_config"]}
+    options.update(arch=arch, cell=model_config.cell, forecaster=model_config.forecaster)
+    return options
+
+
+def _shown(value) -> str:
+    """An option's value as it is typed."""
+    if isinstance(value, tuple | list):
+        return ",".join(_shown(item) for item in value)
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class Placement(NamedTuple):
@@ -283,11 +315,15 @@ def train(
 
 def resume(data_path: str | list[str], run_dir: str, show_progress: bool = True, **changes) -> dict:
     """Continue the run in ``run_dir`` from its last.pt, exactly where it stopped (mid-epoch included).
-    ``changes`` may set epochs (to train longer), max_time, device or workers; all else is as saved."""
-    check_resume_changes(changes)
+    ``changes`` may set epochs (to train longer), max_time, device or workers; all else is as saved (and may be
+    given as saved)."""
     saved = checkpoint.load(os.path.join(run_dir, "last.pt"))
-    config = TrainConfig(**{**saved["train_config"], **changes})
     model_config, spec, normalisation = checkpoint.configs(saved)
+    if changes.get("transform") == "auto":  # resolved by the data's units when the run began
+        changes = {**changes, "transform": transforms.resolve("auto", normalisation.units)}
+    check_resume_changes(changes, saved_options(saved, model_config))
+    new_values = {name: value for name, value in changes.items() if name in RESUME_CHANGES}
+    config = TrainConfig(**{**saved["train_config"], **new_values})
     placement = _placement(config, spec)
     data = _open_data(data_path, spec, config, placement.world)
     _check_fits(model_config, data.source)

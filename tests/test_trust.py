@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,9 +209,36 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 
 def test_resume_refuses_options_it_would_ignore(run):
     result = runner.invoke(app, ["train", str(run / "data.h5"), "--resume", str(run / "run"), "--lr", "0.1"])
-    assert result.exit_code == 2 and "--lr cannot change" in result.stderr
+    assert result.exit_code == 2 and "--lr 0.1 (saved: 0.002) cannot change" in result.stderr
     zero = runner.invoke(app, ["train", str(run / "data.h5"), *TRAIN, "--epochs", "0"])
     assert zero.exit_code == 2 and "--epochs must be at least 1" in zero.stderr
+
+
+def test_resume_with_the_original_command_accepts_the_options_it_was_saved_with(run, tmp_path):
+    """Users add --resume to the command that started the run: repeating a saved value is not a change."""
+    shutil.copytree(run / "run", tmp_path / "run")
+    original = [
+        "train",
+        str(run / "data.h5"),
+        *TRAIN,
+        "--epochs",
+        "2",
+        "--arch",
+        "fast",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    resumed = runner.invoke(app, [*original, "--resume", str(tmp_path / "run"), "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["epochs"] == 2
+    changed = runner.invoke(app, [*original, "--seed", "7", "--resume", str(tmp_path / "run")])
+    assert changed.exit_code == 2
+    assert (
+        changed.stderr
+        == "convgru: error: --resume continues a run as it was saved: --seed 7 (saved: 0) cannot change\n"
+    )
+    elsewhere = runner.invoke(app, [*original[:-1], str(tmp_path / "other"), "--resume", str(tmp_path / "run")])
+    assert elsewhere.exit_code == 2 and "continues the run in its own directory" in elsewhere.stderr
 
 
 def test_no_validation_split_keeps_the_last_epoch_as_best(tmp_path):
