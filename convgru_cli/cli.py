@@ -84,7 +84,9 @@ def train(
         float, typer.Option(help="Weight of the loss on each frame's sorted values: keeps the observed intensities.")
     ] = 0.0,
     seed: int = 0,
-    max_time: Annotated[float | None, typer.Option(help="Stop cleanly after this many seconds of training.")] = None,
+    max_time: Annotated[
+        float | None, typer.Option(help="Stop cleanly after this many seconds of training [default: no limit].")
+    ] = None,
     patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without a better val loss.")] = None,
     compile: options.CompileOpt = False,
     recompute: Annotated[

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from convgru_cli.device import PRECISIONS
-from convgru_cli.errors import UserError
+from convgru_cli.errors import UserError, finite
 from convgru_cli.model import ARCHITECTURES, CELLS, FORECASTERS
 from convgru_cli.sources import NAN_POLICIES
 from convgru_cli.train import LOSSES, TrainConfig
@@ -78,9 +78,10 @@ def floats(text: str | None, option: str) -> tuple[float, ...]:
     if not text:
         return ()
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
+        values = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise UserError(f"{option} {text}: expected numbers separated by commas, e.g. 0.5,2,5") from None
+    return tuple(finite(value, option) for value in values)
 
 
 def words(text: str | None) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from convgru_cli import checkpoint, distributed, signals, transforms
 from convgru_cli.device import autocast, compile_failure, compile_for, pad_batch, pick_device, pick_precision
-from convgru_cli.errors import UserError
+from convgru_cli.errors import UserError, finite
 from convgru_cli.model import ARCHITECTURES, EncoderForecaster, ModelConfig, count_parameters, make_config
 from convgru_cli.normalisation import Normalisation, compute_normalisation
 from convgru_cli.sources import FrameSource, open_frames
@@ -66,9 +66,16 @@ class TrainConfig:
         if self.epochs < 1:
             raise UserError("--epochs must be at least 1")
         check_batch_size(self.batch_size)
+        for option, value in (
+            ("--lr", self.lr),
+            ("--grad-clip", self.grad_clip),
+            ("--distribution-weight", self.distribution_weight),
+            ("--max-time", self.max_time or 0.0),
+        ):
+            finite(value, option)
         if self.lr <= 0:
             raise UserError("--lr must be positive")
-        if not self.distribution_weight >= 0:  # NaN too
+        if self.distribution_weight < 0:
             raise UserError(f"--distribution-weight {self.distribution_weight:g}: must be 0 or more")
         if self.grad_clip < 0:
             raise UserError(f"--grad-clip {self.grad_clip:g}: must not be negative (0: no clipping)")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from convgru_cli import transforms
-from convgru_cli.errors import UserError
+from convgru_cli.errors import UserError, finite
 from convgru_cli.sources import FrameSource
 
 Window = tuple[int, int]  # (sequence, first frame)
@@ -43,7 +43,7 @@ class DataSpec:
             raise UserError("--input-frames and --output-frames must be at least 1")
         if self.stride < 1:
             raise UserError(f"--stride {self.stride}: must be at least 1")
-        if not 0 <= self.val_fraction < 1:
+        if not 0 <= finite(self.val_fraction, "--val-fraction") < 1:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
         if self.clip is not None and (len(self.clip) != 2 or self.clip[0] >= self.clip[1]):
             raise UserError(f"--clip {','.join(f'{v:g}' for v in self.clip)}: expected LOW,HIGH with LOW < HIGH")

@@ -160,6 +160,32 @@ def test_bad_data_rows(run, tmp_path, monkeypatch):
     assert not os.path.exists(output)
 
 
+def test_numbers_that_are_not_numbers_are_refused_in_one_line(run, tmp_path, monkeypatch):
+    """NaN slips through range checks (every comparison with it is false); infinity means nothing here either."""
+    monkeypatch.chdir(tmp_path)
+    data, best = str(run / "data.h5"), str(run / "run" / "best.pt")
+    rows = [
+        (["train", data, *TRAIN, "--lr", "nan"], "--lr nan"),
+        (["train", data, *TRAIN, "--lr", "inf"], "--lr inf"),
+        (["train", data, *TRAIN, "--grad-clip", "nan"], "--grad-clip nan"),
+        (["train", data, *TRAIN, "--grad-clip", "inf"], "--grad-clip inf"),
+        (["train", data, *TRAIN, "--distribution-weight", "inf"], "--distribution-weight inf"),
+        (["train", data, *TRAIN, "--max-time", "nan"], "--max-time nan"),
+        (["train", data, *TRAIN, "--val-fraction", "nan"], "--val-fraction nan"),
+        (["train", data, *TRAIN, "--clip", "0,nan"], "--clip nan"),
+        (["train", data, *TRAIN, "--balance-weights", "1,2,5,10,inf"], "--balance-weights inf"),
+        (["train", data, *TRAIN, "--balance-thresholds", "2,5,10,nan"], "--balance-thresholds nan"),
+        (["evaluate", data, "--checkpoint", best, "--zr", "nan,1.6"], "--zr nan"),
+        (["evaluate", data, "--checkpoint", best, "--thresholds", "0.5,nan"], "--thresholds nan"),
+        (["evaluate", data, "--checkpoint", best, "--thresholds", "1", "--fss-scales", "inf"], "--fss-scales inf"),
+    ]
+    for arguments, message in rows:
+        code, stderr = _invoke(arguments)
+        assert code == 2, (arguments, stderr)
+        assert stderr == f"convgru: error: {message}: expected a finite number\n", (arguments, stderr)
+    assert not os.path.exists(tmp_path / "runs")
+
+
 def test_nan_is_masked_with_one_warning(tmp_path):
     array = moving_digits(8, 6, font_glyphs(), size=32, digits=1, seed=6).astype(np.float32)
     array[:, :, :8] = np.nan
