@@ -267,6 +267,25 @@ def test_resume_with_the_original_command_accepts_the_options_it_was_saved_with(
     assert elsewhere.exit_code == 2 and "continues the run in its own directory" in elsewhere.stderr
 
 
+def test_a_short_series_holds_out_one_window_and_says_so(tmp_path):
+    """60 frames, windows of 8: the last 10 % (6 frames) hold no window, so the last 8 frames are held out."""
+    frames = np.random.default_rng(0).random((60, 16, 16)).astype(np.float32)
+    data = write_h5(tmp_path / "short.h5", frames)
+    arguments = ["--input-frames", "4", "--output-frames", "4", "--batch-size", "4", "--device", "cpu", "--epochs", "1"]
+    result = runner.invoke(app, ["train", data, *arguments, "--out", str(tmp_path / "r"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "holding out the last 8 frames (13%) instead, after a gap of 8" in result.stderr
+    assert "on 37 windows (1 held out)" in result.stderr
+    assert json.loads(result.stdout)["best_val_loss"] > 0
+    tiny = write_h5(tmp_path / "tiny.h5", frames[:20])  # a window held out, a gap, and no window left to train on
+    result = runner.invoke(app, ["train", tiny, *arguments, "--out", str(tmp_path / "t")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"convgru: error: {tiny}:frames: no training window left after holding out the last 8 of 20 frames and a "
+        "gap of 8 for validation; lower --val-fraction or the frame counts"
+    )
+
+
 def test_no_validation_split_keeps_the_last_epoch_as_best(tmp_path):
     data = write_h5(tmp_path / "d.h5", moving_digits(8, 6, font_glyphs(), size=32, digits=1, seed=13))
     result = runner.invoke(
