@@ -286,6 +286,35 @@ def test_a_short_series_holds_out_one_window_and_says_so(tmp_path):
     )
 
 
+def test_validation_on_another_event_and_a_warning_when_the_held_out_part_is_dry(tmp_path):
+    """One day of radar whose evening is dry: its held-out end says nothing; --val-data validates elsewhere."""
+    rng = np.random.default_rng(1)
+    day = (5 * rng.random((60, 16, 16))).astype(np.float32)
+    day[40:] = 0.05  # below 0.1 mm/h: dry
+    data = write_h5(tmp_path / "day.h5", day, units="mm/h")
+    other = write_h5(tmp_path / "other.h5", (5 * rng.random((30, 32, 32))).astype(np.float32), units="mm/h")
+    arguments = ["--input-frames", "4", "--output-frames", "4", "--batch-size", "4", "--device", "cpu", "--epochs", "1"]
+    dry = runner.invoke(app, ["train", data, *arguments, "--out", str(tmp_path / "a")])
+    assert dry.exit_code == 0, dry.output
+    warning = "100% of the 1 validation windows are dry (below 0.1 mm/h) or constant in the frames they forecast"
+    assert warning in dry.stderr and "--val-data FILE" in dry.stderr
+    elsewhere = [*arguments, "--val-data", other, "--val-fraction", "0", "--out", str(tmp_path / "b"), "--json"]
+    result = runner.invoke(app, ["train", data, *elsewhere])
+    assert result.exit_code == 0, result.output
+    assert "on 53 windows (0 held out, 23 from --val-data)" in result.stderr
+    assert "validation windows are" not in result.stderr
+    assert json.loads(result.stdout)["best_val_loss"] > 0.1
+    saved = checkpoint.load(str(tmp_path / "b" / "last.pt"))["train_config"]
+    assert saved["val_data"] == (other,)
+    resumed = runner.invoke(app, ["train", data, *elsewhere[:-1], "--epochs", "2", "--resume", str(tmp_path / "b")])
+    assert resumed.exit_code == 0, resumed.output
+    assert "23 from --val-data" in resumed.stderr
+    wrong = write_h5(tmp_path / "wrong.h5", np.zeros((30, 2, 32, 32), dtype=np.float32), layout="TCHW")
+    refused = runner.invoke(app, ["train", data, *arguments, "--val-data", wrong, "--out", str(tmp_path / "c")])
+    assert refused.exit_code == 2, refused.output
+    assert f"{wrong}:frames: layout THW has 3 axes" in refused.stderr
+
+
 def test_no_validation_split_keeps_the_last_epoch_as_best(tmp_path):
     data = write_h5(tmp_path / "d.h5", moving_digits(8, 6, font_glyphs(), size=32, digits=1, seed=13))
     result = runner.invoke(
