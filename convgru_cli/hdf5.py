@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import sys
+from datetime import datetime
 
 import h5py
 import numpy as np
@@ -119,6 +120,18 @@ def pick_dataset(file: h5py.File, name: str | None, mask_dataset: str | None = N
             "%s: frames from dataset %r (%s; not %s); --dataset picks another", label, chosen, why, ", ".join(set_aside)
         )
     return chosen
+
+
+def frame_times(file: h5py.File, dataset: str, steps: int) -> list[datetime] | None:
+    """The valid time of each frame of a series, from a ``timestamps`` dataset of ISO 8601 text beside the frames
+    (our radar files carry one); None where the file has none that fits."""
+    name = dataset.rsplit("/", 1)[0] + "/timestamps" if "/" in dataset else "timestamps"
+    if name not in file or file[name].shape != (steps,):
+        return None
+    try:
+        return [datetime.fromisoformat(str(plain(value))) for value in file[name][()]]
+    except ValueError:
+        return None
 
 
 def resolve_layout(shape: tuple[int, ...], layout: str | None, label: str, recorded: str = "") -> str:
