@@ -92,7 +92,7 @@ def train(
     ] = 0.0,
     seed: int = 0,
     max_time: Annotated[
-        float | None, typer.Option(help="Stop cleanly after this many seconds of training [default: no limit].")
+        float | None, typer.Option(help="Stop cleanly after this many seconds of training (default: no limit).")
     ] = None,
     patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without a better val loss.")] = None,
     compile: options.CompileOpt = False,
