@@ -564,7 +564,7 @@ def _open_data(data_path: str | list[str], spec: DataSpec, config: TrainConfig, 
 
 def _check_fits(model_config: ModelConfig, data: TrainingData) -> None:
     """The training frames and every validation file's suit the model (any frame size it accepts)."""
-    for source in [data.source] + [source for source, _ in data.validation[1:]]:
+    for source, _ in data.validation:  # the training source first, with its held-out windows
         if model_config.channels != source.channels:
             raise UserError(
                 f"{source.label}: {source.channels} channels, but the model expects {model_config.channels}"
