@@ -63,6 +63,13 @@ def train(
     output_frames: Annotated[int, typer.Option(help="Frames the forecaster is trained to produce.")] = 10,
     stride: Annotated[int, typer.Option(help="Step between windows cut from long sequences.")] = 1,
     val_fraction: Annotated[float, typer.Option(help="Share of sequences (or of a series' time) held out.")] = 0.1,
+    val_data: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also validate on this file's windows (or a glob's; repeat for more): another event or radar, read "
+            "as DATA is. With it --val-fraction 0 trains on all of DATA."
+        ),
+    ] = None,
     nan_policy: options.NanPolicyOpt = "mask",
     mask_dataset: Annotated[str | None, typer.Option(help="Boolean dataset, True = valid (auto: 'mask').")] = None,
     transform: options.TransformOpt = "auto",
@@ -91,7 +98,9 @@ def train(
         float, typer.Option(help="Weight of the loss on each frame's sorted values: keeps the observed intensities.")
     ] = 0.0,
     seed: int = 0,
-    max_time: Annotated[float | None, typer.Option(help="Stop cleanly after this many seconds of training.")] = None,
+    max_time: Annotated[
+        float | None, typer.Option(help="Stop cleanly after this many seconds of training (default: no limit).")
+    ] = None,
     patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without a better val loss.")] = None,
     compile: options.CompileOpt = False,
     recompute: Annotated[

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import h5py
 import numpy as np
@@ -16,7 +17,7 @@ from convgru_cli import __version__, checkpoint, distributed
 from convgru_cli.atomic import hdf5_bytes, refuse_existing, write_atomically
 from convgru_cli.device import autocast, compile_failure, compile_for, pad_batch, pick_device, pick_precision
 from convgru_cli.errors import UserError
-from convgru_cli.hdf5 import open_hdf5, pick_dataset, resolve_layout, text_attribute
+from convgru_cli.hdf5 import frame_times, open_hdf5, pick_dataset, resolve_layout, text_attribute
 from convgru_cli.model import EncoderForecaster
 from convgru_cli.normalisation import Normalisation
 from convgru_cli.sources import FrameSource, StackedFrames, mask_in
@@ -154,6 +155,7 @@ def predict_file(
     with open_hdf5(data_path) as file:
         forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision, compile)
         source = forecaster.read_frames(file, dataset, layout)
+        times = frame_times(file, source.dataset, source.steps) if source.is_series else None
     spec = forecaster.spec
     first = source.steps - spec.input_frames if start is None else start
     if first < 0 or first + spec.input_frames > source.steps:
@@ -168,7 +170,7 @@ def predict_file(
         ]
     )
     if png or gif:
-        _draw(source, forecast, first, spec.input_frames, picture_sequence, png, gif, force)
+        _draw(source, times, forecast, first, spec.input_frames, picture_sequence, png, gif, force)
     attributes = {
         "units": source.units,
         "software": f"convgru {__version__}",
@@ -189,7 +191,15 @@ def predict_file(
 
 
 def _draw(
-    source: FrameSource, forecast: np.ndarray, first: int, inputs: int, sequence: int, png, gif, force: bool
+    source: FrameSource,
+    times: list[datetime] | None,
+    forecast: np.ndarray,
+    first: int,
+    inputs: int,
+    sequence: int,
+    png,
+    gif,
+    force: bool,
 ) -> None:
     from convgru_cli import pictures
 
@@ -198,12 +208,23 @@ def _draw(
     frames = forecast.shape[1]
     truth_end = first + inputs + frames
     truth = source.read(sequence, first + inputs, frames)[:, 0] if truth_end <= source.steps else None
+    minutes = source.timestep_minutes
+    if times and len(times) > 1 and not minutes:
+        minutes = (times[1] - times[0]).total_seconds() / 60
+    panel_times = None
+    if times and minutes:  # past the data's end, forecast frames are valid a time step apart
+        known = times[first : first + inputs + frames]
+        panel_times = known + [
+            known[-1] + timedelta(minutes=minutes * k) for k in range(1, truth_end - first - len(known) + 1)
+        ]
     strip, loop = pictures.render(
         source.read(sequence, first, inputs)[:, 0].astype(np.float32),
         forecast[sequence, :, 0],
         None if truth is None else truth.astype(np.float32),
         source.units,
-        source.timestep_minutes,
+        minutes,
+        panel_times,
+        f"{source.label}, sequence {sequence}, input frames {first}..{first + inputs - 1}",
     )
     if png:
         pictures.save_png(png, strip, force)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
+from datetime import datetime
 
 import h5py
 import numpy as np
@@ -23,6 +25,8 @@ from convgru_cli.errors import UserError
 
 LAYOUTS_BY_RANK = {3: "THW", 4: "NTHW", 5: "NTCHW"}
 NOT_FRAMES = {"mask", "timestamps", "lead_times"}
+
+log = logging.getLogger("convgru")
 
 
 def open_hdf5(path: str | None) -> h5py.File:
@@ -82,20 +86,52 @@ def is_frame_like(name: str) -> bool:
     return name.rsplit("/", 1)[-1] not in NOT_FRAMES
 
 
+FRAME_NAMES = {"frames", "data"}
+
+
 def pick_dataset(file: h5py.File, name: str | None, mask_dataset: str | None = None) -> str:
-    """The dataset to read: the one named, or the only frame-like dataset in the file (masks left aside)."""
+    """The dataset to read: the one named, or the frame-like dataset of the file (masks left aside). Among several,
+    those of rank 3 or more, then those with a ``layout`` attribute (our own files record one), then those named
+    ``frames`` or ``data``; the one chosen so is logged."""
     label = file_label(file)
     if name:
         if name not in file or not isinstance(file[name], h5py.Dataset):
             raise UserError(f"{label}: no dataset {name!r} (datasets: {', '.join(dataset_names(file)) or 'none'})")
         return name
     candidates = [n for n in dataset_names(file) if is_frame_like(n) and n != (mask_dataset or "").strip("/")]
-    if len(candidates) > 1:
-        candidates = [n for n in candidates if file[n].ndim >= 3]
+    preferences = (  # (why, as logged; None: not worth a line), which to keep
+        (None, lambda n: file[n].ndim >= 3),
+        ("it has a layout attribute", lambda n: "layout" in file[n].attrs),
+        ("by its name", lambda n: n.rsplit("/", 1)[-1] in FRAME_NAMES),
+    )
+    why, set_aside = None, []
+    for reason, preferred in preferences:
+        kept = [n for n in candidates if preferred(n)]
+        if 0 < len(kept) < len(candidates):
+            if reason:
+                why, set_aside = reason, set_aside + [n for n in candidates if n not in kept]
+            candidates = kept
     if len(candidates) != 1:
         found = ", ".join(candidates) or "no frame-like dataset"
         raise UserError(f"{label}: cannot tell which dataset holds the frames ({found}); name it with --dataset")
-    return candidates[0]
+    chosen = candidates[0]
+    if why:
+        log.info(
+            "%s: frames from dataset %r (%s; not %s); --dataset picks another", label, chosen, why, ", ".join(set_aside)
+        )
+    return chosen
+
+
+def frame_times(file: h5py.File, dataset: str, steps: int) -> list[datetime] | None:
+    """The valid time of each frame of a series, from a ``timestamps`` dataset of ISO 8601 text beside the frames
+    (our radar files carry one); None where the file has none that fits."""
+    name = dataset.rsplit("/", 1)[0] + "/timestamps" if "/" in dataset else "timestamps"
+    if name not in file or file[name].shape != (steps,):
+        return None
+    try:
+        return [datetime.fromisoformat(str(plain(value))) for value in file[name][()]]
+    except ValueError:
+        return None
 
 
 def resolve_layout(shape: tuple[int, ...], layout: str | None, label: str, recorded: str = "") -> str:

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from convgru_cli.errors import UserError
+from convgru_cli.errors import UserError, finite
 
 CONTINUOUS = ("mse", "mae", "ssim", "psnr")
 CATEGORICAL = ("csi", "pod", "far", "hss", "ets", "bias")
@@ -89,7 +89,7 @@ def thresholds_in_units(
         unit = next((u for s, u in UNIT_SUFFIXES.items() if text.lower().endswith(s)), None)
         number = text[: len(text) - len(unit)] if unit else text
         try:
-            value = float(number)
+            value = finite(float(number), "--thresholds")
         except ValueError:
             raise UserError(f"--thresholds {text}: expected a number, optionally with mm/h or dBZ") from None
         if unit and unit != data_unit:

@@ -121,3 +121,19 @@ def value_range(source: FrameSource, samples: int = 512) -> tuple[float, float]:
     values = np.concatenate([source.read(i // source.steps, i % source.steps, 1).ravel() for i in picks.astype(int)])
     values = values[np.isfinite(values)]
     return (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+
+
+def quiet_fraction(
+    source: FrameSource, windows: list[tuple[int, int]], skip: int, length: int, samples: int = 256
+) -> float:
+    """The share of ``windows`` (up to ``samples`` of them, spread evenly) that hold no signal in their frames
+    after the first ``skip``: constant, or for rain rates dry (below transforms.RAIN_THRESHOLD) everywhere. A
+    validation loss measured on such windows says nothing about a forecast."""
+    rain = source.units.strip().lower() in transforms.RAIN_UNITS
+    sampled = windows[:: max(1, len(windows) // samples)]
+    quiet = 0
+    for sequence, start in sampled:
+        block = source.read(sequence, start, length)[skip:].astype(np.float64)
+        values = block[np.isfinite(block)]
+        quiet += values.size == 0 or values.min() == values.max() or (rain and values.max() < transforms.RAIN_THRESHOLD)
+    return quiet / len(sampled) if sampled else 0.0

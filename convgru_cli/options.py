@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 from typing import Annotated
 
 import typer
 
 from convgru_cli.device import PRECISIONS
-from convgru_cli.errors import UserError
+from convgru_cli.errors import UserError, finite
 from convgru_cli.model import ARCHITECTURES, CELLS, FORECASTERS
 from convgru_cli.sources import NAN_POLICIES
 from convgru_cli.train import LOSSES, TrainConfig
@@ -77,9 +78,10 @@ def floats(text: str | None, option: str) -> tuple[float, ...]:
     if not text:
         return ()
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
+        values = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise UserError(f"{option} {text}: expected numbers separated by commas, e.g. 0.5,2,5") from None
+    return tuple(finite(value, option) for value in values)
 
 
 def words(text: str | None) -> tuple[str, ...]:
@@ -122,7 +124,11 @@ def train_configs(options: dict) -> tuple[DataSpec, TrainConfig]:
             "balance_thresholds": floats(options["balance_thresholds"], "--balance-thresholds"),
             "balance_weights": floats(options["balance_weights"], "--balance-weights"),
             "cache": cache_choice(options["cache"]),
+<<<<<<< HEAD
             "crop": crop_size(options["crop"]),
+=======
+            "val_data": tuple(options["val_data"] or ()),
+>>>>>>> ux
         }
     )
     return spec, config
@@ -139,12 +145,20 @@ def train_options(ctx: typer.Context, config_path: str | None) -> dict:
 
 
 def resume_changes(ctx: typer.Context, options: dict) -> dict:
-    """The run's options given on the command line with --resume (train.resume says which may change)."""
+    """The run's options given on the command line with --resume, as the run records them (train.resume
+    compares them with the saved run and says which may change)."""
     given = {name for name in ctx.params if ctx.get_parameter_source(name).name == "COMMANDLINE"}
-    changes = {name: options[name] for name in given - NOT_OF_THE_RUN}
-    if "cache" in changes:
-        changes["cache"] = cache_choice(changes["cache"])
-    return changes
+    if "force" in given:
+        raise UserError("--force starts a run over and --resume continues one: give one of them")
+    if "out" in given:
+        if os.path.normpath(options["out"]) != os.path.normpath(options["resume"]):
+            raise UserError(
+                f"--out {options['out']}: --resume {options['resume']} continues the run in its own directory"
+            )
+        given.remove("out")
+    spec, config = train_configs(options)
+    recorded = {**options, **dataclasses.asdict(spec), **dataclasses.asdict(config)}
+    return {name: recorded[name] for name in given - NOT_OF_THE_RUN}
 
 
 def merge_config(ctx: typer.Context, path: str | None) -> dict:

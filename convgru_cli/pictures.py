@@ -6,6 +6,8 @@ anything else is drawn in grey between the data's bounds.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -58,42 +60,100 @@ def _lead_label(step: int, minutes: float) -> str:
     return f"+{step * minutes:g} min" if minutes else f"+{step}"
 
 
+def _frame_label(kind: str, step: int, minutes: float, time: datetime | None) -> str:
+    """What a panel shows: its valid time where the data has times, and its lead (minutes where known)."""
+    lead = f"{step * minutes:+g} min" if minutes else f"{step:+d}"
+    return f"{kind} {time:%H:%M} ({lead})" if time else f"{kind} {lead}"
+
+
+def legend(units: str, low: float, high: float) -> Image.Image:
+    """The colour scale with its units: the radar palette's level from which each colour starts, or the grey ramp's
+    bounds."""
+    levels = RADAR_LEVELS.get(units.strip().lower())
+    box = 34
+    if levels is None:
+        image = Image.new("RGB", (256 + 2 * box + 60, 2 * LABEL_HEIGHT + 4), "white")
+        draw = ImageDraw.Draw(image)
+        for x in range(256):
+            draw.line([(box + x, 2), (box + x, LABEL_HEIGHT)], fill=(x, x, x))
+        draw.rectangle((box, 2, box + 255, LABEL_HEIGHT), outline=(0, 0, 0))
+        draw.text((box, LABEL_HEIGHT + 3), f"{low:.4g}", fill=(0, 0, 0))
+        draw.text((box + 256 - 6 * len(f"{high:.4g}"), LABEL_HEIGHT + 3), f"{high:.4g}", fill=(0, 0, 0))
+        draw.text((box + 262, 3), units or "(no units)", fill=(0, 0, 0))
+        return image
+    colours = [(255, 255, 255), *RADAR_COLOURS]
+    image = Image.new("RGB", (box * len(colours) + 80, 2 * LABEL_HEIGHT + 4), "white")
+    draw = ImageDraw.Draw(image)
+    for index, colour in enumerate(colours):
+        draw.rectangle((index * box, 2, (index + 1) * box - 1, LABEL_HEIGHT), fill=colour, outline=(0, 0, 0))
+        text = f"<{levels[0]:g}" if index == 0 else f"{levels[index - 1]:g}"
+        draw.text((index * box + 2, LABEL_HEIGHT + 3), text, fill=(0, 0, 0))
+    draw.text((len(colours) * box + 6, 3), units, fill=(0, 0, 0))
+    return image
+
+
+def _stacked(parts: list[Image.Image], gap: int = 4) -> Image.Image:
+    image = Image.new("RGB", (max(p.width for p in parts), sum(p.height + gap for p in parts)), "white")
+    y = 0
+    for part in parts:
+        image.paste(part, (0, y))
+        y += part.height + gap
+    return image
+
+
+def _title(text: str) -> Image.Image:
+    image = Image.new("RGB", (6 * len(text) + 8, LABEL_HEIGHT), "white")
+    ImageDraw.Draw(image).text((2, 1), text, fill=(0, 0, 0))
+    return image
+
+
 def render(
     inputs: np.ndarray,
     forecast: np.ndarray,
     truth: np.ndarray | None,
     units: str,
     minutes: float = 0.0,
+    times: list[datetime] | None = None,
+    title: str = "",
 ) -> tuple[Image.Image, list[Image.Image]]:
-    """Inputs [T_in, H, W], forecast [T_out, H, W], truth [T_out, H, W] or None (one channel).
+    """Inputs [T_in, H, W], forecast [T_out, H, W], truth [T_out, H, W] or None (one channel); ``times``, where the
+    data has them, the valid time of each input and forecast frame; ``title`` says where the frames come from.
 
-    Returns the PNG strip (rows: inputs, truth, forecast) and the GIF frames (last input | truth | forecast)."""
+    Returns the PNG strip (title, rows: inputs, truth, forecast, then the colour scale) and the GIF frames (last
+    input | truth | forecast, each with the title and the scale)."""
     observed = [inputs] + ([truth] if truth is not None else [])  # the colour scale follows the observations
     finite = np.concatenate([a[np.isfinite(a)] for a in observed])
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     scale = max(1, 192 // max(inputs.shape[-2:]))
     image = {name: colourise(a, units, low, high) for name, a in (("in", inputs), ("fc", forecast))}
-    strip_rows = [_row([_tile(f, scale, f"input {i - len(inputs) + 1}") for i, f in enumerate(image["in"])])]
+    time_of = (lambda k: times[len(inputs) - 1 + k]) if times else (lambda k: None)  # noqa: E731
+    input_tiles = [
+        _tile(f, scale, _frame_label("input", i - len(inputs) + 1, minutes, time_of(i - len(inputs) + 1)))
+        for i, f in enumerate(image["in"])
+    ]
+    rows = {"input": input_tiles}
     if truth is not None:
         image["truth"] = colourise(truth, units, low, high)
-        strip_rows.append(
-            _row([_tile(f, scale, f"truth {_lead_label(k + 1, minutes)}") for k, f in enumerate(image["truth"])])
+    for kind, key in (("truth", "truth"), ("forecast", "fc")):
+        if key in image:
+            rows[kind] = [
+                _tile(f, scale, _frame_label(kind, k + 1, minutes, time_of(k + 1))) for k, f in enumerate(image[key])
+            ]
+    scale_bar = legend(units, low, high)
+    if times and times[0].tzname():
+        title = f"{title}, valid times in {times[0].tzname()}"
+    heading = [_title(title)] if title else []
+    strip = _stacked([*heading, *(_row(tiles) for tiles in rows.values()), scale_bar])
+    loop = [
+        _stacked(
+            [
+                *heading,
+                _row([input_tiles[-1], *(rows[kind][k] for kind in ("truth", "forecast") if kind in rows)]),
+                scale_bar,
+            ]
         )
-    strip_rows.append(
-        _row([_tile(f, scale, f"forecast {_lead_label(k + 1, minutes)}") for k, f in enumerate(image["fc"])])
-    )
-    strip = Image.new("RGB", (max(r.width for r in strip_rows), sum(r.height + 4 for r in strip_rows)), "white")
-    y = 0
-    for row in strip_rows:
-        strip.paste(row, (0, y))
-        y += row.height + 4
-    loop = []
-    for k in range(len(forecast)):
-        tiles = [_tile(image["in"][-1], scale, "last input")]
-        if truth is not None:
-            tiles.append(_tile(image["truth"][k], scale, f"truth {_lead_label(k + 1, minutes)}"))
-        tiles.append(_tile(image["fc"][k], scale, f"forecast {_lead_label(k + 1, minutes)}"))
-        loop.append(_row(tiles))
+        for k in range(len(forecast))
+    ]
     return strip, loop
 
 
@@ -116,11 +176,19 @@ def save_gif(path: str, frames: list[Image.Image], force: bool, milliseconds: in
 METHOD_COLOURS = [(0xD6, 0x27, 0x28), (0x1F, 0x77, 0xB4), (0x2C, 0xA0, 0x2C), (0x94, 0x67, 0xBD), (0x8C, 0x56, 0x4B)]
 
 
+def _score_unit(metric: str, units: str) -> str:
+    """The unit of a score of data in ``units`` (the bitmap font has no superscripts): squared for MSE, none for
+    SSIM, the threshold's for CSI."""
+    if not units or metric == "ssim":
+        return ""
+    return {"mse": f"({units})^2", "psnr": "dB"}.get(metric, units)
+
+
 def plot_scores(report: dict, width: int = 300, height: int = 200) -> Image.Image:
     """One small panel per score (MSE, MAE, SSIM, PSNR and each CSI) against lead time, a line per method."""
     methods = list(report["scores"])
     metrics = shown(report["scores"][methods[0]], PLOT_SCORES)
-    leads = report["lead_times"]
+    leads, minutes = report["lead_times"], report.get("lead_minutes")
     canvas = Image.new("RGB", (width * min(len(metrics), 3), height * -(-len(metrics) // 3) + 20), "white")
     draw = ImageDraw.Draw(canvas)
     x = 4
@@ -132,7 +200,7 @@ def plot_scores(report: dict, width: int = 300, height: int = 200) -> Image.Imag
         left, top = (index % 3) * width, 20 + (index // 3) * height
         box = (left + 44, top + 16, left + width - 10, top + height - 24)
         draw.rectangle(box, outline=(0, 0, 0))
-        draw.text((left + 44, top + 2), metric, fill=(0, 0, 0))
+        draw.text((left + 44, top + 2), f"{metric} {_score_unit(metric, report['units'])}".strip(), fill=(0, 0, 0))
         values = [v for m in methods for v in report["scores"][m][metric] if v == v]  # NaN != NaN
         if not values:
             continue
@@ -145,8 +213,10 @@ def plot_scores(report: dict, width: int = 300, height: int = 200) -> Image.Imag
 
         draw.text((left + 2, box[1] - 4), f"{high:.3g}", fill=(0, 0, 0))
         draw.text((left + 2, box[3] - 8), f"{low:.3g}", fill=(0, 0, 0))
-        draw.text((box[0], box[3] + 4), f"lead {leads[0]}", fill=(0, 0, 0))
-        draw.text((box[2] - 40, box[3] + 4), f"lead {leads[-1]}", fill=(0, 0, 0))
+        first, last = (f"+{m:g} min" for m in (minutes[0], minutes[-1])) if minutes else (leads[0], leads[-1])
+        draw.text((box[0], box[3] + 4), f"{first}", fill=(0, 0, 0))
+        draw.text(((box[0] + box[2]) // 2 - 24, box[3] + 4), "lead time", fill=(0, 0, 0))
+        draw.text((box[2] - 6 * len(str(last)), box[3] + 4), f"{last}", fill=(0, 0, 0))
         for method, colour in zip(methods, METHOD_COLOURS, strict=False):
             line = [point(k, v) for k, v in enumerate(report["scores"][method][metric]) if v == v]
             if len(line) > 1:

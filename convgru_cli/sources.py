@@ -195,18 +195,17 @@ def open_frames(
 ) -> FrameSource:
     """One file, or several (shell globs expanded here too, for configs and quoted patterns), as frames."""
     names = expand_paths(paths)
+    picked, total = {}, 0
+    for name in names:
+        with open_hdf5(name) as file:
+            picked[name] = pick_dataset(file, dataset, mask_dataset)
+            total += file[picked[name]].nbytes
     if cache is None and len(names) > 1:  # in memory only if all of them fit together
-        total = 0
-        for name in names:
-            with open_hdf5(name) as file:
-                total += file[pick_dataset(file, dataset, mask_dataset)].nbytes
         cache = total <= CACHE_BYTES
     parts = []
     for name in names:
         with open_hdf5(name) as file:
-            parts.append(
-                StackedFrames(file, pick_dataset(file, dataset, mask_dataset), layout, cache, nan_policy, mask_dataset)
-            )
+            parts.append(StackedFrames(file, picked[name], layout, cache, nan_policy, mask_dataset))
     return parts[0] if len(parts) == 1 else FrameSet(parts)
 
 

@@ -26,15 +26,16 @@ from tqdm import tqdm
 
 from convgru_cli import checkpoint, distributed, signals, transforms
 from convgru_cli.device import autocast, compile_failure, compile_for, pad_batch, pick_device, pick_precision
-from convgru_cli.errors import UserError
-from convgru_cli.model import EncoderForecaster, ModelConfig, count_parameters
-from convgru_cli.normalisation import Normalisation, compute_normalisation
+from convgru_cli.errors import UserError, finite
+from convgru_cli.model import ARCHITECTURES, EncoderForecaster, ModelConfig, count_parameters, make_config
+from convgru_cli.normalisation import Normalisation, compute_normalisation, quiet_fraction
 from convgru_cli.sources import FrameSource, open_frames
-from convgru_cli.windowing import DataSpec, WindowDataset, batches, check_batch_size, split_windows
+from convgru_cli.windowing import DataSpec, WindowDataset, batches, check_batch_size, split_windows, windows
 
 log = logging.getLogger("convgru")
 
 LOSSES = ("mse", "mae", "mse+mae", "balanced")
+QUIET_VALIDATION = 0.5  # warn when this share of the validation windows holds no signal
 
 
 @dataclass
@@ -63,14 +64,24 @@ class TrainConfig:
     cache: bool | None = None  # hold the data in memory: None decides by size
     crop: tuple[int, int] | None = None  # train on random crops of this (height, width): see WindowDataset
     augment: bool = False  # turn, flip and (rain) rescale each training window: see augmented
+    # Files (or globs) whose windows validate too, read with the training data's spec and normalisation: another
+    # event, so that best.pt is not chosen on the training file's last hours alone.
+    val_data: tuple[str, ...] = ()
 
     def check(self) -> None:
         if self.epochs < 1:
             raise UserError("--epochs must be at least 1")
         check_batch_size(self.batch_size)
+        for option, value in (
+            ("--lr", self.lr),
+            ("--grad-clip", self.grad_clip),
+            ("--distribution-weight", self.distribution_weight),
+            ("--max-time", self.max_time or 0.0),
+        ):
+            finite(value, option)
         if self.lr <= 0:
             raise UserError("--lr must be positive")
-        if not self.distribution_weight >= 0:  # NaN too
+        if self.distribution_weight < 0:
             raise UserError(f"--distribution-weight {self.distribution_weight:g}: must be 0 or more")
         if self.grad_clip < 0:
             raise UserError(f"--grad-clip {self.grad_clip:g}: must not be negative (0: no clipping)")
@@ -179,12 +190,44 @@ def epoch_batches(windows: int, batch_size: int, seed: int, epoch: int, rank: in
 RESUME_CHANGES = ("epochs", "max_time", "patience", "device", "workers", "cache", "recompute")
 
 
-def check_resume_changes(names) -> None:
-    """A resumed run continues as it was saved: of its options only ``RESUME_CHANGES`` may be given anew."""
-    fixed = set(names) - set(RESUME_CHANGES)
-    if fixed:
-        options = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(fixed))
-        raise UserError(f"--resume continues a run as it was saved: {options} cannot change")
+def check_resume_changes(changes: dict, saved: dict) -> None:
+    """A resumed run continues as it was saved: of its options only ``RESUME_CHANGES`` may be given a new value.
+    The others may be repeated, as when --resume is added to the command that started the run, but not changed;
+    ``saved`` holds the run's values by option name."""
+    changed = sorted(
+        name for name, value in changes.items() if name not in RESUME_CHANGES and value != saved.get(name, value)
+    )
+    unknown = sorted(name for name in changes if name not in saved and name not in RESUME_CHANGES)
+    if changed or unknown:
+        details = [
+            f"--{name.replace('_', '-')} {_shown(changes[name])} (saved: {_shown(saved[name])})" for name in changed
+        ]
+        details += [f"--{name.replace('_', '-')}" for name in unknown]
+        raise UserError(f"--resume continues a run as it was saved: {', '.join(details)} cannot change")
+
+
+def saved_options(saved: dict, model_config: ModelConfig) -> dict:
+    """A checkpoint's run as the values of train's options, to compare with those given to --resume."""
+    arch = next(
+        (
+            name
+            for name in ARCHITECTURES
+            if make_config(name, model_config.channels, model_config.cell, model_config.forecaster) == model_config
+        ),
+        None,
+    )
+    options = {**saved["data_spec"], **saved["train_config"]}
+    options.update(arch=arch, cell=model_config.cell, forecaster=model_config.forecaster)
+    return options
+
+
+def _shown(value) -> str:
+    """An option's value as it is typed."""
+    if isinstance(value, tuple | list):
+        return ",".join(_shown(item) for item in value)
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class Placement(NamedTuple):
@@ -196,11 +239,14 @@ class Placement(NamedTuple):
     world: int
 
 
+Validation = list[tuple[FrameSource, list[tuple[int, int]]]]  # windows by source: the held-out split, --val-data's
+
+
 class TrainingData(NamedTuple):
     source: FrameSource
     spec: DataSpec  # with the dataset and layout that were found
     train_windows: list[tuple[int, int]]
-    val_windows: list[tuple[int, int]]
+    validation: Validation
 
 
 @dataclass
@@ -213,7 +259,7 @@ class Run:
     model_config: ModelConfig
     source: FrameSource
     train_windows: list[tuple[int, int]]
-    val_windows: list[tuple[int, int]]
+    validation: Validation
     normalisation: Normalisation
     model: EncoderForecaster
     net: torch.nn.Module  # what batches run through: the model, wrapped for DDP and/or compiled
@@ -295,7 +341,7 @@ def train(
             100 * normalisation.nan_fraction,
         )
     model_config = replace(model_config, channels=source.channels)
-    _check_fits(model_config, source, config.crop)
+    _check_fits(model_config, data, config.crop)
     if placement.rank == 0:
         _prepare_run_dir(run_dir, force)
     run = _build(run_dir, config, model_config, normalisation, data, placement)
@@ -304,14 +350,18 @@ def train(
 
 def resume(data_path: str | list[str], run_dir: str, show_progress: bool = True, **changes) -> dict:
     """Continue the run in ``run_dir`` from its last.pt, exactly where it stopped (mid-epoch included).
-    ``changes`` may set epochs (to train longer), max_time, device or workers; all else is as saved."""
-    check_resume_changes(changes)
+    ``changes`` may set epochs (to train longer), max_time, device or workers; all else is as saved (and may be
+    given as saved)."""
     saved = checkpoint.load(os.path.join(run_dir, "last.pt"))
-    config = TrainConfig(**{**saved["train_config"], **changes})
     model_config, spec, normalisation = checkpoint.configs(saved)
+    if changes.get("transform") == "auto":  # resolved by the data's units when the run began
+        changes = {**changes, "transform": transforms.resolve("auto", normalisation.units)}
+    check_resume_changes(changes, saved_options(saved, model_config))
+    new_values = {name: value for name, value in changes.items() if name in RESUME_CHANGES}
+    config = TrainConfig(**{**saved["train_config"], **new_values})
     placement = _placement(config, spec)
     data = _open_data(data_path, spec, config, placement.world)
-    _check_fits(model_config, data.source, config.crop)
+    _check_fits(model_config, data, config.crop)
     run = _build(run_dir, config, model_config, normalisation, data, placement)
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
@@ -482,23 +532,24 @@ def end_epoch(run: Run, epoch: Epoch) -> bool:
 
 @torch.no_grad()
 def validate(run: Run) -> float | None:
-    """Mean per-pixel MSE (normalised units) on the held-out windows, summed over all ranks; None without any."""
-    if not run.val_windows:
+    """Mean per-pixel MSE (normalised units) on the validation windows, summed over all ranks; None without any."""
+    if not any(val_windows for _, val_windows in run.validation):
         return None
     spec, batch_size = run.spec, run.config.batch_size
     run.net.eval()
-    mine = run.val_windows[run.rank :: run.world]
-    batch_lists = [list(indices) for indices in batches(range(len(mine)), batch_size)]
     total = torch.zeros(2, dtype=torch.float64)  # summed on the CPU: Apple's MPS has no float64
-    for batch in _loader(WindowDataset(run.source, mine, spec.window), batch_lists, 0, run.device):
-        batch, count = batch.to(run.device), len(batch)
-        if run.config.compile:  # the ragged last batch
-            batch = pad_batch(batch, batch_size)
-        inputs, target, valid = _split(batch, run.normalisation, spec)
-        with autocast(run.device, run.precision):
-            prediction = run.net(inputs, spec.output_frames)
-        error, weight = prediction[:count].float() - target[:count], valid[:count].float()
-        total += torch.stack([(error**2 * weight).sum(), weight.sum()]).cpu()
+    for source, val_windows in run.validation:
+        mine = val_windows[run.rank :: run.world]
+        batch_lists = [list(indices) for indices in batches(range(len(mine)), batch_size)]
+        for batch in _loader(WindowDataset(source, mine, spec.window), batch_lists, 0, run.device):
+            batch, count = batch.to(run.device), len(batch)
+            if run.config.compile:  # the ragged last batch
+                batch = pad_batch(batch, batch_size)
+            inputs, target, valid = _split(batch, run.normalisation, spec)
+            with autocast(run.device, run.precision):
+                prediction = run.net(inputs, spec.output_frames)
+            error, weight = prediction[:count].float() - target[:count], valid[:count].float()
+            total += torch.stack([(error**2 * weight).sum(), weight.sum()]).cpu()
     total = distributed.sum_over_processes(total, run.device)
     return (total[0] / total[1].clamp(min=1)).item()
 
@@ -528,17 +579,29 @@ def _open_data(data_path: str | list[str], spec: DataSpec, config: TrainConfig, 
             f"--batch-size {config.batch_size}: larger than the {len(train_windows)} training windows "
             f"{'per process ' if world > 1 else ''}in {source.label}; lower it"
         )
-    return TrainingData(source, spec, train_windows, val_windows)
+    validation = [(source, val_windows)]
+    for path in config.val_data:  # each its own source: another radar's frames may be of another size
+        other = open_frames([path], spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset)
+        validation.append((other, windows(other, spec.window, spec.stride)))
+    return TrainingData(source, spec, train_windows, validation)
 
 
-def _check_fits(model_config: ModelConfig, source: FrameSource, crop: tuple[int, int] | None) -> None:
-    if model_config.channels != source.channels:
-        raise UserError(f"{source.label}: {source.channels} channels, but the model expects {model_config.channels}")
+def _check_fits(model_config: ModelConfig, data: TrainingData, crop: tuple[int, int] | None) -> None:
+    """The training frames and every validation file's suit the model (any frame size it accepts: validation
+    forecasts whole frames), and so does the training crop."""
+    for source, _ in data.validation:  # the training source first, with its held-out windows
+        if model_config.channels != source.channels:
+            raise UserError(
+                f"{source.label}: {source.channels} channels, but the model expects {model_config.channels}"
+            )
+        try:
+            model_config.check_frame_size(source.height, source.width)
+        except UserError as error:
+            raise UserError(f"{source.label}: {error}") from None
     if crop is None:
-        model_config.check_frame_size(source.height, source.width)
         return
-    if crop[0] > source.height or crop[1] > source.width:
-        raise UserError(f"--crop {crop[0]},{crop[1]}: larger than the {source.height}x{source.width} frames")
+    if crop[0] > data.source.height or crop[1] > data.source.width:
+        raise UserError(f"--crop {crop[0]},{crop[1]}: larger than the {data.source.height}x{data.source.width} frames")
     multiple = model_config.size_multiple
     if crop[0] % multiple or crop[1] % multiple:
         raise UserError(f"--crop {crop[0]},{crop[1]}: height and width must be multiples of {multiple} for this model")
@@ -582,7 +645,7 @@ def _build(
         model_config=model_config,
         source=data.source,
         train_windows=data.train_windows,
-        val_windows=data.val_windows,
+        validation=data.validation,
         normalisation=normalisation,
         model=model,
         net=net,
@@ -617,16 +680,42 @@ def _write_run_files(run: Run, data_path: str | list[str], options_toml: str | N
 def _log_start(run: Run) -> None:
     source = run.source
     log.info("%s: layout %s, %d sequence(s) of %d frames", source.label, source.layout, source.sequences, source.steps)
+    held_out = len(run.validation[0][1])
+    from_files = sum(len(val_windows) for _, val_windows in run.validation[1:])
     log.info(
-        "training %s parameters on %d windows (%d held out) on %s, %s, %d process(es); run directory %s",
+        "training %s parameters on %d windows (%d held out%s) on %s, %s, %d process(es); run directory %s",
         f"{count_parameters(run.model):,}",
         len(run.train_windows),
-        len(run.val_windows),
+        held_out,
+        f", {from_files} from --val-data" if run.config.val_data else "",
         run.device,
         str(run.precision).removeprefix("torch."),
         run.world,
         run.run_dir,
     )
+    _warn_if_quiet(run)
+
+
+def _warn_if_quiet(run: Run) -> None:
+    """Warn when most validation windows hold no signal (a dry evening of radar): best.pt would be chosen on them."""
+    counted = [
+        (len(w), quiet_fraction(source, w, run.spec.input_frames, run.spec.window)) for source, w in run.validation
+    ]
+    windows_in_all = sum(count for count, _ in counted)
+    if not windows_in_all:
+        return
+    quiet = sum(count * fraction for count, fraction in counted) / windows_in_all
+    if quiet >= QUIET_VALIDATION:
+        units = run.source.units
+        rain = units.strip().lower() in transforms.RAIN_UNITS
+        what = f"dry (below {transforms.RAIN_THRESHOLD:g} {units}) or constant" if rain else "constant"
+        log.warning(
+            "%.0f%% of the %d validation windows are %s in the frames they forecast: the validation loss, and the "
+            "choice of best.pt, rest on almost nothing; validate on another event with --val-data FILE",
+            100 * quiet,
+            windows_in_all,
+            what,
+        )
 
 
 def _log_epoch(record: dict, epochs: int, batch: int, batches_in_epoch: int, improved: bool) -> None:

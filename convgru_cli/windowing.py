@@ -3,6 +3,7 @@ shares no frame), and in batches (a torch dataset for training, ``batches`` and 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -12,11 +13,13 @@ import numpy as np
 import torch
 
 from convgru_cli import transforms
-from convgru_cli.errors import UserError
+from convgru_cli.errors import UserError, finite
 from convgru_cli.sources import FrameSource
 
 Window = tuple[int, int]  # (sequence, first frame)
 Item = TypeVar("Item")
+
+log = logging.getLogger("convgru")
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class DataSpec:
             raise UserError("--input-frames and --output-frames must be at least 1")
         if self.stride < 1:
             raise UserError(f"--stride {self.stride}: must be at least 1")
-        if not 0 <= self.val_fraction < 1:
+        if not 0 <= finite(self.val_fraction, "--val-fraction") < 1:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
         if self.clip is not None and (len(self.clip) != 2 or self.clip[0] >= self.clip[1]):
             raise UserError(f"--clip {','.join(f'{v:g}' for v in self.clip)}: expected LOW,HIGH with LOW < HIGH")
@@ -77,18 +80,37 @@ def split_windows(source: FrameSource, spec: DataSpec) -> tuple[list[Window], li
     if source.is_series:
         cut = math.floor(source.steps * (1 - spec.val_fraction))
         gap = spec.window if spec.val_fraction > 0 else 0
+        last_start = every[-1][1]
+        if spec.val_fraction > 0 and cut > last_start:  # a short series: hold out one window all the same
+            log.info(
+                "%s: the last %.0f%% of %d frames hold no window of %d; holding out the last %d frames (%.0f%%) "
+                "instead, after a gap of %d",
+                source.label,
+                100 * spec.val_fraction,
+                source.steps,
+                spec.window,
+                source.steps - last_start,
+                100 * (source.steps - last_start) / source.steps,
+                gap,
+            )
+            cut = last_start
         train = [w for w in every if w[1] + spec.window + gap <= cut]
         val = [w for w in every if w[1] >= cut]
+        held = f"the last {source.steps - cut} of {source.steps} frames and a gap of {gap}"
     else:
         held_out = max(1, math.ceil(source.sequences * spec.val_fraction)) if spec.val_fraction > 0 else 0
         first_val = source.sequences - held_out
         train = [w for w in every if w[0] < first_val]
         val = [w for w in every if w[0] >= first_val]
+        held = f"{held_out} of {source.sequences} sequences"
     if not train:
-        raise UserError(f"{source.label}: no training window left after holding out {spec.val_fraction:.0%}")
-    if spec.val_fraction > 0 and not val:
         raise UserError(
-            f"{source.label}: the held-out {spec.val_fraction:.0%} of the data is too short for one window of "
+            f"{source.label}: no training window left after holding out {held} for validation; "
+            "lower --val-fraction or the frame counts"
+        )
+    if spec.val_fraction > 0 and not val:  # held-out sequences shorter than a window
+        raise UserError(
+            f"{source.label}: the held-out {spec.val_fraction:.0%} of the sequences are too short for one window of "
             f"{spec.window} frames; raise --val-fraction or lower the frame counts"
         )
     return train, val

@@ -118,9 +118,13 @@ def test_dataset_problems_are_user_errors(tmp_path):
     with h5py.File(path, "a") as file:
         file["other"] = np.zeros((3, 4, 4))
         file["flat"] = np.zeros(7)
+    two = write_h5(tmp_path / "two.h5", np.zeros((2, 5, 4, 4)), name="radar")
+    with h5py.File(two, "a") as file:
+        file["other"] = np.zeros((3, 4, 4))
+    with hdf5.open_hdf5(two) as file, pytest.raises(UserError, match="--dataset"):
+        hdf5.pick_dataset(file, None)
     with hdf5.open_hdf5(path) as file:
-        with pytest.raises(UserError, match="--dataset"):
-            hdf5.pick_dataset(file, None)
+        assert hdf5.pick_dataset(file, None) == "frames"  # by its name
         with pytest.raises(UserError, match="no dataset 'nope'"):
             hdf5.pick_dataset(file, "nope")
         with pytest.raises(UserError, match="not a frame sequence"):

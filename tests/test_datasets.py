@@ -272,6 +272,28 @@ def _unreadable_filter_file(path) -> str:
     return str(path)
 
 
+def test_the_frames_are_found_beside_other_datasets_and_named(tmp_path):
+    """A layout attribute, then the name frames or data, tells the frames from what sits beside them."""
+    positions = np.zeros((8, 2, 6, 2), dtype=np.float32)  # [N, 2, T, 2]: two digits' x, y per frame
+    with_layout = write_h5(tmp_path / "layout.h5", DIGITS, layout="NTHW")
+    plain = write_h5(tmp_path / "plain.h5", DIGITS, name="data")
+    for path in (with_layout, plain):
+        with h5py.File(path, "a") as file:
+            file["position"] = positions
+    result = runner.invoke(app, ["train", with_layout, *SMALL, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert f"{with_layout}: frames from dataset 'frames' (it has a layout attribute; not position)" in result.stderr
+    result = runner.invoke(app, ["train", plain, *SMALL, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert f"{plain}: frames from dataset 'data' (by its name; not position)" in result.stderr
+    open_choice = write_h5(tmp_path / "open.h5", DIGITS, name="radar")
+    with h5py.File(open_choice, "a") as file:
+        file["position"] = positions
+    result = runner.invoke(app, ["train", open_choice, *SMALL, "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2
+    assert "cannot tell which dataset holds the frames (position, radar); name it with --dataset" in result.stderr
+
+
 def test_bad_dataset_rows(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a row that wrongly succeeded would write runs/ here
     masked = write_h5(tmp_path / "masked.h5", DIGITS.astype(np.float32))

@@ -149,7 +149,7 @@ def test_each_sequence_of_a_batch_is_forecast_on_its_own(arch, size, recompute, 
     x = torch.randn(3, 4, 1, size, size)
     together = model(x, 3)
     alone = torch.cat([model(x[i : i + 1], 3) for i in range(3)])
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together, alone, atol=5e-5, rtol=1e-5)  # float32 sums in another order
 
 
 def test_forecast_length_is_free():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,6 +160,32 @@ def test_bad_data_rows(run, tmp_path, monkeypatch):
     assert not os.path.exists(output)
 
 
+def test_numbers_that_are_not_numbers_are_refused_in_one_line(run, tmp_path, monkeypatch):
+    """NaN slips through range checks (every comparison with it is false); infinity means nothing here either."""
+    monkeypatch.chdir(tmp_path)
+    data, best = str(run / "data.h5"), str(run / "run" / "best.pt")
+    rows = [
+        (["train", data, *TRAIN, "--lr", "nan"], "--lr nan"),
+        (["train", data, *TRAIN, "--lr", "inf"], "--lr inf"),
+        (["train", data, *TRAIN, "--grad-clip", "nan"], "--grad-clip nan"),
+        (["train", data, *TRAIN, "--grad-clip", "inf"], "--grad-clip inf"),
+        (["train", data, *TRAIN, "--distribution-weight", "inf"], "--distribution-weight inf"),
+        (["train", data, *TRAIN, "--max-time", "nan"], "--max-time nan"),
+        (["train", data, *TRAIN, "--val-fraction", "nan"], "--val-fraction nan"),
+        (["train", data, *TRAIN, "--clip", "0,nan"], "--clip nan"),
+        (["train", data, *TRAIN, "--balance-weights", "1,2,5,10,inf"], "--balance-weights inf"),
+        (["train", data, *TRAIN, "--balance-thresholds", "2,5,10,nan"], "--balance-thresholds nan"),
+        (["evaluate", data, "--checkpoint", best, "--zr", "nan,1.6"], "--zr nan"),
+        (["evaluate", data, "--checkpoint", best, "--thresholds", "0.5,nan"], "--thresholds nan"),
+        (["evaluate", data, "--checkpoint", best, "--thresholds", "1", "--fss-scales", "inf"], "--fss-scales inf"),
+    ]
+    for arguments, message in rows:
+        code, stderr = _invoke(arguments)
+        assert code == 2, (arguments, stderr)
+        assert stderr == f"convgru: error: {message}: expected a finite number\n", (arguments, stderr)
+    assert not os.path.exists(tmp_path / "runs")
+
+
 def test_nan_is_masked_with_one_warning(tmp_path):
     array = moving_digits(8, 6, font_glyphs(), size=32, digits=1, seed=6).astype(np.float32)
     array[:, :, :8] = np.nan
@@ -208,9 +235,84 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 
 def test_resume_refuses_options_it_would_ignore(run):
     result = runner.invoke(app, ["train", str(run / "data.h5"), "--resume", str(run / "run"), "--lr", "0.1"])
-    assert result.exit_code == 2 and "--lr cannot change" in result.stderr
+    assert result.exit_code == 2 and "--lr 0.1 (saved: 0.002) cannot change" in result.stderr
     zero = runner.invoke(app, ["train", str(run / "data.h5"), *TRAIN, "--epochs", "0"])
     assert zero.exit_code == 2 and "--epochs must be at least 1" in zero.stderr
+
+
+def test_resume_with_the_original_command_accepts_the_options_it_was_saved_with(run, tmp_path):
+    """Users add --resume to the command that started the run: repeating a saved value is not a change."""
+    shutil.copytree(run / "run", tmp_path / "run")
+    original = [
+        "train",
+        str(run / "data.h5"),
+        *TRAIN,
+        "--epochs",
+        "2",
+        "--arch",
+        "fast",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    resumed = runner.invoke(app, [*original, "--resume", str(tmp_path / "run"), "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["epochs"] == 2
+    changed = runner.invoke(app, [*original, "--seed", "7", "--resume", str(tmp_path / "run")])
+    assert changed.exit_code == 2
+    assert (
+        changed.stderr
+        == "convgru: error: --resume continues a run as it was saved: --seed 7 (saved: 0) cannot change\n"
+    )
+    elsewhere = runner.invoke(app, [*original[:-1], str(tmp_path / "other"), "--resume", str(tmp_path / "run")])
+    assert elsewhere.exit_code == 2 and "continues the run in its own directory" in elsewhere.stderr
+
+
+def test_a_short_series_holds_out_one_window_and_says_so(tmp_path):
+    """60 frames, windows of 8: the last 10 % (6 frames) hold no window, so the last 8 frames are held out."""
+    frames = np.random.default_rng(0).random((60, 16, 16)).astype(np.float32)
+    data = write_h5(tmp_path / "short.h5", frames)
+    arguments = ["--input-frames", "4", "--output-frames", "4", "--batch-size", "4", "--device", "cpu", "--epochs", "1"]
+    result = runner.invoke(app, ["train", data, *arguments, "--out", str(tmp_path / "r"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "holding out the last 8 frames (13%) instead, after a gap of 8" in result.stderr
+    assert "on 37 windows (1 held out)" in result.stderr
+    assert json.loads(result.stdout)["best_val_loss"] > 0
+    tiny = write_h5(tmp_path / "tiny.h5", frames[:20])  # a window held out, a gap, and no window left to train on
+    result = runner.invoke(app, ["train", tiny, *arguments, "--out", str(tmp_path / "t")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"convgru: error: {tiny}:frames: no training window left after holding out the last 8 of 20 frames and a "
+        "gap of 8 for validation; lower --val-fraction or the frame counts"
+    )
+
+
+def test_validation_on_another_event_and_a_warning_when_the_held_out_part_is_dry(tmp_path):
+    """One day of radar whose evening is dry: its held-out end says nothing; --val-data validates elsewhere."""
+    rng = np.random.default_rng(1)
+    day = (5 * rng.random((60, 16, 16))).astype(np.float32)
+    day[40:] = 0.05  # below 0.1 mm/h: dry
+    data = write_h5(tmp_path / "day.h5", day, units="mm/h")
+    other = write_h5(tmp_path / "other.h5", (5 * rng.random((30, 32, 32))).astype(np.float32), units="mm/h")
+    arguments = ["--input-frames", "4", "--output-frames", "4", "--batch-size", "4", "--device", "cpu", "--epochs", "1"]
+    dry = runner.invoke(app, ["train", data, *arguments, "--out", str(tmp_path / "a")])
+    assert dry.exit_code == 0, dry.output
+    warning = "100% of the 1 validation windows are dry (below 0.1 mm/h) or constant in the frames they forecast"
+    assert warning in dry.stderr and "--val-data FILE" in dry.stderr
+    elsewhere = [*arguments, "--val-data", other, "--val-fraction", "0", "--out", str(tmp_path / "b"), "--json"]
+    result = runner.invoke(app, ["train", data, *elsewhere])
+    assert result.exit_code == 0, result.output
+    assert "on 53 windows (0 held out, 23 from --val-data)" in result.stderr
+    assert "validation windows are" not in result.stderr
+    assert json.loads(result.stdout)["best_val_loss"] > 0.1
+    saved = checkpoint.load(str(tmp_path / "b" / "last.pt"))["train_config"]
+    assert saved["val_data"] == (other,)
+    resumed = runner.invoke(app, ["train", data, *elsewhere[:-1], "--epochs", "2", "--resume", str(tmp_path / "b")])
+    assert resumed.exit_code == 0, resumed.output
+    assert "23 from --val-data" in resumed.stderr
+    wrong = write_h5(tmp_path / "wrong.h5", np.zeros((30, 2, 32, 32), dtype=np.float32), layout="TCHW")
+    refused = runner.invoke(app, ["train", data, *arguments, "--val-data", wrong, "--out", str(tmp_path / "c")])
+    assert refused.exit_code == 2, refused.output
+    assert f"{wrong}:frames: layout THW has 3 axes" in refused.stderr
 
 
 def test_no_validation_split_keeps_the_last_epoch_as_best(tmp_path):

@@ -65,10 +65,81 @@ def test_picture_has_the_expected_size_and_content():
     frames = _translating(steps=7, size=32)[0, :, 0].numpy()
     strip, loop = pictures.render(frames[:3], frames[3:], frames[3:], "mm/h", minutes=5)
     scale = 192 // 32
-    assert strip.height == 3 * (32 * scale + pictures.LABEL_HEIGHT + 4)
+    scale_bar = pictures.legend("mm/h", 0, 1)
+    assert strip.height == 3 * (32 * scale + pictures.LABEL_HEIGHT + 4) + scale_bar.height + 4
     assert len(loop) == 4 and loop[0].width == 3 * 32 * scale + 2 * 2
     colours = len(np.unique(np.asarray(strip).reshape(-1, 3), axis=0))
     assert colours > 5  # white background, black labels and several rain colours
+
+
+def test_pictures_carry_a_colour_scale_with_units_even_where_it_is_dry():
+    dry = np.zeros((3, 32, 32), dtype=np.float32)
+    strip, loop = pictures.render(dry, dry, dry, "mm/h", minutes=5)
+    for image in (strip, loop[0]):
+        colours = {tuple(c) for c in np.asarray(image).reshape(-1, 3).tolist()}
+        assert set(pictures.RADAR_COLOURS) <= colours  # every level of the palette, in the legend
+    grey = np.asarray(pictures.legend("", 0, 255))
+    assert len({tuple(c) for c in grey.reshape(-1, 3).tolist()}) > 200  # a ramp, not two colours
+
+
+def test_predict_pictures_show_valid_times_the_source_and_the_lead_in_minutes(model_run, tmp_path, monkeypatch):
+    workdir, _, best = model_run
+    series = write_h5(
+        tmp_path / "s.h5", (5 * np.random.default_rng(0).random((20, 32, 32))).astype(np.float32), units="mm/h"
+    )
+    with h5py.File(series, "a") as file:
+        file["timestamps"] = [f"2010-08-26T07:{5 * k:02d}:00Z".encode() for k in range(12)] + [
+            f"2010-08-26T08:{5 * k:02d}:00Z".encode() for k in range(8)
+        ]
+    drawn = {}
+
+    def render(*args):
+        drawn["args"] = args
+        return real_render(*args)
+
+    real_render = pictures.render
+    monkeypatch.setattr(pictures, "render", render)
+    arguments = [
+        "predict",
+        series,
+        "--checkpoint",
+        best,
+        "--start",
+        "12",
+        "--frames",
+        "6",
+        "--png",
+        str(tmp_path / "f.png"),
+    ]
+    result = runner.invoke(app, [*arguments, "-o", str(tmp_path / "f.h5")])
+    assert result.exit_code == 0, result.output
+    _, _, _, units, minutes, times, title = drawn["args"]
+    assert (units, minutes) == ("mm/h", 5.0)
+    assert [f"{t:%H:%M}" for t in times] == ["08:00", "08:05", "08:10", "08:15"] + [
+        "08:20",
+        "08:25",
+        "08:30",
+        "08:35",
+        "08:40",
+        "08:45",  # the last two past the data's end
+    ]
+    assert title == f"{series}:frames, sequence 0, input frames 12..15"
+    assert pictures._frame_label("forecast", 2, minutes, times[5]) == "forecast 08:25 (+10 min)"
+    assert pictures._frame_label("forecast", 2, 0, None) == "forecast +2"
+
+
+def test_score_plots_name_units_and_minutes_where_known():
+    scores = {"model": {"mse": [1.0, 2.0], "mae": [0.5, 0.7], "csi@2": [0.6, 0.4]}}
+    report = {"scores": scores, "lead_times": [1, 2], "lead_minutes": None, "units": ""}
+    plain = np.asarray(pictures.plot_scores(report))
+    for changed in ({"lead_minutes": [5.0, 10.0]}, {"units": "mm/h"}):
+        assert (np.asarray(pictures.plot_scores({**report, **changed})) != plain).any(), changed
+    assert [pictures._score_unit(m, "mm/h") for m in ("mse", "mae", "ssim", "csi@2")] == [
+        "(mm/h)^2",
+        "mm/h",
+        "",
+        "mm/h",
+    ]
 
 
 @pytest.fixture(scope="module")
