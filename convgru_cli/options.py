@@ -124,11 +124,8 @@ def train_configs(options: dict) -> tuple[DataSpec, TrainConfig]:
             "balance_thresholds": floats(options["balance_thresholds"], "--balance-thresholds"),
             "balance_weights": floats(options["balance_weights"], "--balance-weights"),
             "cache": cache_choice(options["cache"]),
-<<<<<<< HEAD
             "crop": crop_size(options["crop"]),
-=======
             "val_data": tuple(options["val_data"] or ()),
->>>>>>> ux
         }
     )
     return spec, config
