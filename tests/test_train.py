@@ -22,8 +22,9 @@ def _config(**changes):
     return train.TrainConfig(**{**values, **changes})
 
 
-def _run(digits_file, run_dir, **changes):
-    return train.train(digits_file, SPEC, make_config("fast", 1), _config(**changes), str(run_dir), show_progress=False)
+def _run(digits_file, run_dir, forecaster="anchored", **changes):
+    model = make_config("fast", 1, forecaster=forecaster)
+    return train.train(digits_file, SPEC, model, _config(**changes), str(run_dir), show_progress=False)
 
 
 def test_training_lowers_the_loss_and_writes_the_run(digits_file, tmp_path):
@@ -152,12 +153,13 @@ def test_bf16_training_reaches_the_fp32_loss(digits_file, tmp_path):
 def test_compiled_training_matches_eager(digits_file, tmp_path):
     from torch._dynamo.utils import counters
 
-    eager = _run(digits_file, tmp_path / "eager", epochs=1, batch_size=5)
+    # Shi's forecaster: Adam turns the anchored head's near-zero first gradients into full steps of either sign,
+    # so its weights part by more than rounding; compiled anchored forecasts are checked in test_cli.
+    eager = _run(digits_file, tmp_path / "eager", "shi", epochs=1, batch_size=5)
     counters.clear()
-    compiled = _run(digits_file, tmp_path / "compiled", epochs=1, batch_size=5, compile=True)
-    # Training and validation compile once each, the last of the 12 validation windows, 2, padded to 5; each call
-    # is two graphs, since the anchored forecaster's motion search runs eagerly between them.
-    assert counters["stats"]["unique_graphs"] == 2 * 2
+    compiled = _run(digits_file, tmp_path / "compiled", "shi", epochs=1, batch_size=5, compile=True)
+    # One training graph and one validation graph: the last of the 12 validation windows, 2, are padded to 5.
+    assert counters["stats"]["unique_graphs"] == 2
     assert compiled["best_val_loss"] == pytest.approx(eager["best_val_loss"], rel=1e-3)
     a = checkpoint.load(eager["last_checkpoint"])["model"]
     b = checkpoint.load(compiled["last_checkpoint"])["model"]
