@@ -1,9 +1,9 @@
 """Frame sources: where sequences of [T, C, H, W] frames come from, behind one interface (``FrameSource``).
 
 A stacked HDF5 file is one source (``StackedFrames``); several files of one frame shape are another
-(``FrameSet``); an archive of per-time-step files will be a third. Frames are handed out in the file's own
-dtype (uint8 stays uint8 until it is on the device). A file that fits the cache limit is read once into memory;
-a larger one is read window by window with h5py slices, each DataLoader worker opening its own handle.
+(``FrameSet``); an archive of per-time-step files is a third (``archives.Archive``). Frames are handed out in
+the file's own dtype (uint8 stays uint8 until it is on the device). A file that fits the cache limit is read once
+into memory; a larger one is read window by window with h5py slices, each DataLoader worker opening its own handle.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def expand_paths(paths: list[str]) -> list[str]:
     names: list[str] = []
     for path in paths:
         literal = not glob.has_magic(path) or os.path.exists(path)  # "obs[1].h5" may be a file's own name
-        matches = [path] if literal else sorted(glob.glob(path))
+        matches = [path] if literal else sorted(p for p in glob.glob(path) if not os.path.isdir(p))
         if not matches:
             raise UserError(f"{path}: the pattern matches no file")
         names += matches
@@ -192,9 +192,17 @@ def open_frames(
     cache: bool | None = None,
     nan_policy: str = "mask",
     mask_dataset: str | None = None,
+    importer: str | None = None,
 ) -> FrameSource:
-    """One file, or several (shell globs expanded here too, for configs and quoted patterns), as frames."""
+    """One file, or several (shell globs expanded here too, for configs and quoted patterns), as frames; a
+    folder, or files of one time step each (ODIM_H5, CF netCDF, or read by a pysteps ``importer``), as an
+    archive."""
+    from convgru_cli import archives
+
     names = expand_paths(paths)
+    radar_files = archives.archive_files(names, importer)
+    if radar_files is not None:
+        return archives.Archive(radar_files, dataset, importer)
     picked, total = {}, 0
     for name in names:
         with open_hdf5(name) as file:
