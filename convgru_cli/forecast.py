@@ -81,7 +81,7 @@ class Forecaster:
                 f"{source.label}: {source.channels} channels, but {self.checkpoint_path} was trained on "
                 f"{config.channels}"
             )
-        config.check_frame_size(source.height, source.width)
+        config.log_padding(source.label, source.height, source.width)
 
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor | np.ndarray, frames: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ stable.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -26,6 +27,8 @@ TRAJGRU_FLOW_FEATURES = 32  # channels of the small network that emits them
 # predicted on top of a classical motion estimate; "shi": Shi et al.'s forecaster, which redraws every frame
 # from hidden state.
 FORECASTERS = ("anchored", "shi")
+
+log = logging.getLogger("convgru")
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,24 @@ class ModelConfig:
             multiple *= stride
         return multiple
 
-    def check_frame_size(self, height: int, width: int) -> None:
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """The frame size the model runs at: height and width rounded up to multiples of ``size_multiple``
+        (the model pads frames at the bottom and right edges as no data and crops its forecast back)."""
         m = self.size_multiple
-        if height % m or width % m:
-            raise UserError(
-                f"frames of {height}x{width} do not fit this model: height and width must be multiples of {m} "
-                f"(patch {self.patch} x strides {'x'.join(map(str, self.strides))}); crop or pick another --arch"
+        return -(-height // m) * m, -(-width // m) * m
+
+    def log_padding(self, label: str, height: int, width: int) -> None:
+        """One info line where frames are padded to fit."""
+        padded = self.padded_size(height, width)
+        if padded != (height, width):
+            log.info(
+                "%s: frames of %dx%d are padded to %dx%d (multiples of %d) as no data for the model, and its "
+                "forecasts cropped back",
+                label,
+                height,
+                width,
+                *padded,
+                self.size_multiple,
             )
 
     def to_dict(self) -> dict:
@@ -393,8 +408,17 @@ class EncoderForecaster(nn.Module):
         return outputs, state
 
     def forward(self, inputs: Tensor, frames: int) -> Tensor:
-        """inputs: [B, T_in, C, H, W] normalised frames; returns [B, frames, C, H, W]."""
-        self.config.check_frame_size(*inputs.shape[-2:])
+        """inputs: [B, T_in, C, H, W] normalised frames (0 where there is no data) of any size; returns
+        [B, frames, C, H, W]. Frames whose sides are not multiples of the model's are padded with 0 (no data)
+        at the bottom and right, and the forecast is cropped back."""
+        height, width = inputs.shape[-2:]
+        padded_height, padded_width = self.config.padded_size(height, width)
+        if (padded_height, padded_width) == (height, width):
+            return self._forward(inputs, frames)
+        padded = F.pad(inputs, (0, padded_width - width, 0, padded_height - height))
+        return self._forward(padded, frames)[..., :height, :width].contiguous()
+
+    def _forward(self, inputs: Tensor, frames: int) -> Tensor:
         states = self.encode(inputs)
         if not self.config.anchored:
             return self.forecast(states, frames)

@@ -594,10 +594,7 @@ def _check_fits(model_config: ModelConfig, data: TrainingData, crop: tuple[int, 
             raise UserError(
                 f"{source.label}: {source.channels} channels, but the model expects {model_config.channels}"
             )
-        try:
-            model_config.check_frame_size(source.height, source.width)
-        except UserError as error:
-            raise UserError(f"{source.label}: {error}") from None
+        model_config.log_padding(source.label, source.height, source.width)
     if crop is None:
         return
     if crop[0] > data.source.height or crop[1] > data.source.width:
