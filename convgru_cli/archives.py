@@ -10,7 +10,6 @@ so that no window spans it.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import re
@@ -21,7 +20,7 @@ import h5py
 import numpy as np
 
 from convgru_cli.errors import UserError
-from convgru_cli.georef import Georeference, as_utc, iso
+from convgru_cli.georef import Georeference, as_utc, iso, segments
 from convgru_cli.hdf5 import dataset_names, plain, text_attribute
 from convgru_cli.transforms import NO_ECHO_DBZ
 
@@ -443,19 +442,3 @@ class Archive:
         if np.isinf(values).any():
             raise UserError(f"{frame.path}: {frame.field} decodes to infinite values")
         return values
-
-
-def segments(times: list[datetime]) -> tuple[timedelta, list[tuple[int, int]]]:
-    """The time step (the most common difference between consecutive times) and the runs of times that
-    follow each other by exactly that step, as (first index, length)."""
-    if len(times) < 2:
-        return timedelta(0), [(0, len(times))]
-    differences = [b - a for a, b in zip(times, times[1:], strict=False)]
-    step = collections.Counter(differences).most_common(1)[0][0]
-    runs, begin = [], 0
-    for index, difference in enumerate(differences, start=1):
-        if difference != step:
-            runs.append((begin, index - begin))
-            begin = index
-    runs.append((begin, len(times) - begin))
-    return step, runs

@@ -570,7 +570,9 @@ def _placement(config: TrainConfig, spec: DataSpec) -> Placement:
 
 def _open_data(data_path: str | list[str], spec: DataSpec, config: TrainConfig, world: int) -> TrainingData:
     paths = [data_path] if isinstance(data_path, str) else list(data_path)
-    source = open_frames(paths, spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset)
+    source = open_frames(
+        paths, spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset, spec.importer
+    )
     transform = transforms.resolve(spec.transform, source.units)
     spec = replace(spec, dataset=source.dataset, layout=source.layout, transform=transform)
     train_windows, val_windows = split_windows(source, spec)
@@ -581,7 +583,9 @@ def _open_data(data_path: str | list[str], spec: DataSpec, config: TrainConfig, 
         )
     validation = [(source, val_windows)]
     for path in config.val_data:  # each its own source: another radar's frames may be of another size
-        other = open_frames([path], spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset)
+        other = open_frames(
+            [path], spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset, spec.importer
+        )
         validation.append((other, windows(other, spec.window, spec.stride)))
     return TrainingData(source, spec, train_windows, validation)
 

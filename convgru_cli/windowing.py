@@ -36,6 +36,7 @@ class DataSpec:
     mask_dataset: str | None = None
     transform: str = "auto"  # the space the model works in (transforms.py); auto: by the data's units
     clip: tuple[float, float] | None = None  # data-unit bounds applied before anything else
+    importer: str | None = None  # the pysteps importer an archive was read with (archives.get_reader)
 
     @property
     def window(self) -> int:
