@@ -79,14 +79,19 @@ class OdimReader:
         return Frame(path, time, name, quantity, units, height, width, self._grid(file, name, height, width))
 
     def read(self, file: h5py.File, frame: Frame) -> np.ndarray:
+        """raw x gain + offset; ``nodata`` -> NaN, ``undetect`` -> the quantity's "nothing there" value. In
+        place, in float64: a 2200x1900 composite costs one copy of itself, not five."""
         what = self._what(file, frame.field)
         raw = file[frame.field][()]
-        values = raw * np.float64(what.get("gain", 1.0)) + np.float64(what.get("offset", 0.0))
-        if "undetect" in what:
-            nothing = ODIM_QUANTITIES.get(frame.quantity, (None, 0.0))[1]
-            values = np.where(raw == what["undetect"], nothing, values)
-        if "nodata" in what:
-            values = np.where(raw == what["nodata"], np.nan, values)
+        nodata = raw == what["nodata"] if "nodata" in what else None
+        undetect = raw == what["undetect"] if "undetect" in what else None
+        values = raw if raw.dtype == np.float64 else raw.astype(np.float64)
+        values *= np.float64(what.get("gain", 1.0))
+        values += np.float64(what.get("offset", 0.0))
+        if undetect is not None:
+            values[undetect] = ODIM_QUANTITIES.get(frame.quantity, (None, 0.0))[1]
+        if nodata is not None:
+            values[nodata] = np.nan
         return values.astype(np.float32)
 
     @staticmethod
@@ -149,9 +154,10 @@ class CfReader:
 
     name = "cf"
 
-    @staticmethod
-    def recognises(file: h5py.File) -> bool:
-        return text_attribute(file, "Conventions").startswith("CF")
+    @classmethod
+    def recognises(cls, file: h5py.File) -> bool:
+        """CF with a 2-D field: one time step (a CF series file, such as ``data import`` writes, is not)."""
+        return text_attribute(file, "Conventions").startswith("CF") and bool(cls._fields(file))
 
     def describe(self, file: h5py.File, path: str, wanted: str | None) -> Frame:
         fields = {name: name for name in self._fields(file)}

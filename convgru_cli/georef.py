@@ -66,7 +66,11 @@ class Georeference:
             return cls()
         grid_mapping = {k: plain(v) for k, v in file[CRS].attrs.items()} if CRS in file else {}
         projection = str(grid_mapping.pop("proj4_params", "")) or text_attribute(file, "projection")
-        coordinates = {a: file[a][()] for a in ("x", "y") if a in file and file[a].ndim == 1}
+        coordinates = {
+            a: file[a][()]
+            for a in ("x", "y")
+            if a in file and text_attribute(file[a], "standard_name") == f"projection_{a}_coordinate"
+        }  # not a bare dimension
         units = text_attribute(file["x"], "units", "m") if "x" in coordinates else "m"
         return cls(projection, grid_mapping, coordinates.get("x"), coordinates.get("y"), units)
 
