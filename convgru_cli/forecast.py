@@ -202,6 +202,7 @@ def predict_file(
         ]
     )
     times = source.times_of(sequences[0]) if source.is_series else None
+    offset = sum(source.steps_of(n) for n in range(sequences[0])) if source.is_series else 0
     if png or gif:
         drawn = sequences[0] if source.is_series else picture_sequence  # a series: the segment forecast
         _draw(source, times, forecast, first, spec.input_frames, drawn, png, gif, force)
@@ -211,7 +212,7 @@ def predict_file(
         "checkpoint": os.path.abspath(forecaster.checkpoint_path),
         "input_file": data_path or "<stdin>",
         "input_dataset": source.dataset,
-        "input_frames": f"{first}..{first + spec.input_frames - 1}",
+        "input_frames": f"{offset + first}..{offset + first + spec.input_frames - 1}",  # as the frames are stored
         "model_config": json.dumps(forecaster.model.config.to_dict()),
         "timestep_minutes": source.timestep_minutes,
     }
