@@ -100,25 +100,22 @@ class OdimReader:
         return [name for name in dataset_names(file) if pattern.fullmatch(name) and file[name].ndim == 2]
 
     @staticmethod
-    def _what(file: h5py.File, field: str) -> dict:
-        """The ``what`` attributes that apply to ``field``: root, then dataset, then data level, the nearest
-        winning."""
+    def _nearest(file: h5py.File, field: str, kind: str) -> dict:
+        """The ``kind`` (what, where) attributes that apply to ``field``: root, then dataset, then data level,
+        the nearest winning."""
         parts = field.split("/")[:-1]
         merged: dict = {}
         for depth in range(len(parts) + 1):
-            group = "/".join(parts[:depth] + ["what"])
+            group = "/".join(parts[:depth] + [kind])
             if group in file:
                 merged.update({k: plain(v) for k, v in file[group].attrs.items()})
         return merged
 
-    @staticmethod
-    def _grid(file: h5py.File, field: str, height: int, width: int) -> Georeference:
-        where: dict = {}
-        parts = field.split("/")[:-1]
-        for depth in range(len(parts) + 1):  # root, dataset, data: the nearest wins
-            group = "/".join(parts[:depth] + ["where"])
-            if group in file:
-                where.update({k: plain(v) for k, v in file[group].attrs.items()})
+    def _what(self, file: h5py.File, field: str) -> dict:
+        return self._nearest(file, field, "what")
+
+    def _grid(self, file: h5py.File, field: str, height: int, width: int) -> Georeference:
+        where = self._nearest(file, field, "where")
         projection = str(where.get("projdef", "")).strip()
         corners = {k: v for k, v in where.items() if re.fullmatch(r"[UL][LR]_l(at|on)", k)}
         grid = Georeference(projection, {"odim_" + k: v for k, v in corners.items()})
@@ -366,15 +363,19 @@ class Archive:
     is_series = True
     in_memory = False
 
-    def __init__(self, paths: list[str], dataset: str | None = None, importer: str | None = None, label: str = ""):
+    def __init__(
+        self, paths: list[str], dataset: str | None = None, importer: str | None = None, nan_policy: str = "mask"
+    ):
         self.importer = importer
+        self.nan_policy = nan_policy  # no data (nodata, fill, outside valid range): masked, zero, or refused
         frames = [self._describe(path, dataset) for path in paths]
         frames.sort(key=lambda frame: frame.time)
         self._check(frames)
         first = frames[0]
         self.frames = frames
-        self.label = label or (f"{os.path.dirname(first.path) or '.'} ({len(frames)} files)")
-        self.dataset, self.units, self.quantity = first.field, first.units, first.quantity
+        self.label = f"{os.path.dirname(first.path) or '.'} ({len(frames)} files)"
+        self.dataset = self.quantity = first.quantity  # what --dataset names (the field's path: in frames)
+        self.units = first.units
         self.height, self.width = first.height, first.width
         self.georeference = first.grid
         for frame in frames:
@@ -432,7 +433,13 @@ class Archive:
         begin, steps = self.segments[sequence]
         if start < 0 or start + length > steps:
             raise IndexError(f"frames {start}..{start + length - 1} of a segment of {steps}")
-        return np.stack([self.read_frame(begin + start + k) for k in range(length)])[:, np.newaxis]
+        block = np.stack([self.read_frame(begin + start + k) for k in range(length)])[:, np.newaxis]
+        if self.nan_policy == "mask" or not np.isnan(block).any():
+            return block
+        if self.nan_policy == "error":
+            raise UserError(f"{self.label}: no-data pixels in segment {sequence}, frames from {start} (--nan-policy "
+                            "error); use --nan-policy mask or zero")  # fmt: skip
+        return np.nan_to_num(block, nan=0.0)
 
     def read_frame(self, index: int) -> np.ndarray:
         """Frame ``index`` of the whole archive (segments one after another), [H, W] float32."""

@@ -69,7 +69,7 @@ def import_archive(archive: Archive, output: str, force: bool = False) -> dict:
                 "timestep_minutes": archive.timestep_minutes,
                 "projection": archive.georeference.projection,
                 "source": archive.label,
-                "source_field": archive.dataset,
+                "source_field": archive.frames[0].field,
                 "first_file": archive.frames[0].path,
                 "last_file": archive.frames[-1].path,
                 "gaps": len(archive.segments) - 1,

@@ -91,11 +91,13 @@ class Forecaster:
                     parts.append(self.read_frames(file, dataset, layout))
             return parts[0] if len(parts) == 1 else FrameSet(parts)
         try:
-            source = archives.Archive(files, dataset or self.spec.dataset, importer)
+            source = archives.Archive(files, dataset or self.spec.dataset, importer, self.spec.nan_policy)
         except UserError:
             if dataset:
                 raise
-            source = archives.Archive(files, None, importer)  # trained on another kind of file
+            source = archives.Archive(files, None, importer, self.spec.nan_policy)  # trained on other files
+            log.info("%s: no field %r, as the model was trained on; reading %r", source.label, self.spec.dataset,
+                     source.dataset)  # fmt: skip
         self.check_frames(source)
         return source
 

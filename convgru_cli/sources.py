@@ -251,7 +251,9 @@ def open_frames(
     names = expand_paths(paths)
     radar_files = archives.archive_files(names, importer)
     if radar_files is not None:
-        return archives.Archive(radar_files, dataset, importer)
+        if nan_policy not in NAN_POLICIES:
+            raise UserError(f"--nan-policy {nan_policy}: choose one of {', '.join(NAN_POLICIES)}")
+        return archives.Archive(radar_files, dataset, importer, nan_policy)
     picked, total = {}, 0
     for name in names:
         with open_hdf5(name) as file:

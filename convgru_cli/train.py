@@ -739,7 +739,7 @@ def _log_epoch(record: dict, epochs: int, batch: int, batches_in_epoch: int, imp
 
 
 def new_run_dir(data_path: str) -> str:
-    stem = os.path.splitext(os.path.basename(data_path))[0] or "run"
+    stem = os.path.splitext(os.path.basename(os.path.normpath(data_path)))[0] or "run"  # "radar/rmi/": rmi
     return os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 

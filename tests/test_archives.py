@@ -100,7 +100,8 @@ def test_odim_values_are_raw_times_gain_plus_offset_with_nodata_and_undetect(tmp
                undetect=0.0)  # fmt: skip
     source = open_frames([str(tmp_path / "a.h5")], None)
     assert isinstance(source, archives.Archive)
-    assert (source.units, source.dataset, source.height, source.width) == ("dBZ", "dataset1/data1/data", 12, 10)
+    assert (source.units, source.dataset, source.height, source.width) == ("dBZ", "DBZH", 12, 10)
+    assert source.frames[0].field == "dataset1/data1/data"
     expected = raw * 0.5 - 32.0
     expected[raw == 0] = -32.0  # undetect: the no-echo floor
     expected[raw == 255] = np.nan  # nodata
@@ -113,7 +114,7 @@ def test_odim_values_are_raw_times_gain_plus_offset_with_nodata_and_undetect(tmp
 def test_the_field_is_picked_by_quantity_and_quality_fields_are_left_aside(tmp_path):
     path = write_odim(tmp_path / "a.h5", START, np.ones((4, 4), np.float32), quantity="RATE")
     assert archives.Archive([path]).quantity == "RATE"  # QIND beside it is no candidate
-    assert archives.Archive([path], "QIND").dataset == "dataset2/data1/data"
+    assert archives.Archive([path], "QIND").frames[0].field == "dataset2/data1/data"
     with h5py.File(path, "a") as file:
         file["dataset2/what"].attrs["quantity"] = np.bytes_("DBZH")
     with pytest.raises(UserError, match="cannot tell which field.*--dataset"):
