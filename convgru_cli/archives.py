@@ -342,8 +342,11 @@ def archive_files(paths: list[str], importer: str | None = None) -> list[str] | 
         folder = paths[0]
         names = sorted(os.path.join(folder, n) for n in os.listdir(folder) if not n.startswith("."))
         files = [n for n in names if os.path.isfile(n)]
-        if not files:
-            raise UserError(f"{folder}: the folder holds no file")
+        if not importer and not any(reader_for(n) for n in files):  # stops at the first radar file
+            raise UserError(
+                f"{folder}: is a directory holding no ODIM_H5 or CF netCDF file; name an HDF5 file, or read an "
+                "archive of another format with --importer NAME"
+            )
         return files
     if importer or (paths and all(os.path.isfile(p) for p in paths) and reader_for(paths[0]) is not None):
         return paths

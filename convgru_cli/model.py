@@ -410,18 +410,15 @@ class EncoderForecaster(nn.Module):
     def forward(self, inputs: Tensor, frames: int) -> Tensor:
         """inputs: [B, T_in, C, H, W] normalised frames (0 where there is no data) of any size; returns
         [B, frames, C, H, W]. Frames whose sides are not multiples of the model's are padded with 0 (no data)
-        at the bottom and right, and the forecast is cropped back."""
+        at the bottom and right, and the forecast is cropped back. One frame of code, as before padding: a
+        nested call would cut the compiled graphs differently."""
         height, width = inputs.shape[-2:]
         padded_height, padded_width = self.config.padded_size(height, width)
-        if (padded_height, padded_width) == (height, width):
-            return self._forward(inputs, frames)
-        padded = F.pad(inputs, (0, padded_width - width, 0, padded_height - height))
-        return self._forward(padded, frames)[..., :height, :width].contiguous()
-
-    def _forward(self, inputs: Tensor, frames: int) -> Tensor:
+        if (padded_height, padded_width) != (height, width):
+            inputs = F.pad(inputs, (0, padded_width - width, 0, padded_height - height))
         states = self.encode(inputs)
         if not self.config.anchored:
-            return self.forecast(states, frames)
+            return _cropped(self.forecast(states, frames), height, width)
         last = inputs[:, -1].float()
         with torch.no_grad():
             motion = _estimate_motion(inputs)
@@ -429,7 +426,14 @@ class EncoderForecaster(nn.Module):
         if self.config.patch > 1:
             extrapolated = F.pixel_unshuffle(extrapolated, self.config.patch)
         guide = extrapolated.flatten(0, 1).to(inputs.dtype).contiguous(memory_format=torch.channels_last)
-        return anchor(last, motion, self.forecast(states, frames, guide))
+        return _cropped(anchor(last, motion, self.forecast(states, frames, guide)), height, width)
+
+
+def _cropped(forecast: Tensor, height: int, width: int) -> Tensor:
+    """A forecast of padded frames cut back to the frames' own size (unchanged where nothing was padded)."""
+    if forecast.shape[-2:] == (height, width):
+        return forecast
+    return forecast[..., :height, :width].contiguous()
 
 
 # The search over displacements is a long Python loop of small operations: compiling it buys nothing.

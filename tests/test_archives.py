@@ -201,6 +201,12 @@ def test_a_file_of_no_known_format_in_an_archive_is_named(tmp_path):
     assert result.exit_code == 2 and "notes.txt: neither ODIM_H5 nor CF netCDF" in result.stderr
 
 
+def test_a_folder_without_radar_files_is_not_an_archive(tmp_path):
+    (tmp_path / "notes.txt").write_text("not radar")
+    result = runner.invoke(app, ["data", "inspect", str(tmp_path)])
+    assert result.exit_code == 2 and "is a directory holding no ODIM_H5 or CF netCDF file" in result.stderr
+
+
 def test_inspect_lists_the_gaps(tmp_path):
     folder = odim_archive(tmp_path / "a", [0, 5, 10, 30, 35])
     result = runner.invoke(app, ["data", "inspect", folder, "--input-frames", "1", "--output-frames", "1", "--json"])
