@@ -173,6 +173,13 @@ def _decoded(k: int) -> np.ndarray:
     return np.clip(np.round(blob(k) / 0.1), 0, 250).astype(np.uint8) * 0.1
 
 
+def test_nan_policy_applies_to_the_archives_no_data(tmp_path):
+    folder = odim_archive(tmp_path / "a", [0, 5])
+    assert open_frames([folder], None, nan_policy="zero").read(0, 0, 2)[:, 0, 0, 0].tolist() == [0.0, 0.0]
+    with pytest.raises(UserError, match="no-data pixels.*--nan-policy error"):
+        open_frames([folder], None, nan_policy="error").read(0, 0, 1)
+
+
 def test_segments_take_the_most_common_step():
     times = [START + timedelta(minutes=m) for m in (0, 10, 20, 25, 30, 35, 40)]
     step, runs = segments(times)
