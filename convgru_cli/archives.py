@@ -10,9 +10,11 @@ so that no window spans it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -272,7 +274,8 @@ class PystepsReader:
 
     def __init__(self, name: str):
         try:
-            from pysteps.io import get_method
+            with contextlib.redirect_stdout(sys.stderr):  # pysteps announces its configuration file on stdout
+                from pysteps.io import get_method
         except ImportError:
             raise UserError(f"--importer {name}: needs pysteps; pip install -e '.[pysteps]'") from None
         try:
@@ -289,7 +292,7 @@ class PystepsReader:
             grid.x = float(metadata["x1"]) + (np.arange(width) + 0.5) * float(metadata["xpixelsize"])
             grid.y = float(metadata["y2"]) - (np.arange(height) + 0.5) * float(metadata["ypixelsize"])
         units = str(metadata.get("unit", ""))
-        return Frame(path, time_from_name(path), self.name, units, units, height, width, grid)
+        return Frame(path, time_from_name(path), self.name, self.name, units, height, width, grid)
 
     def read(self, path: str, frame: Frame) -> np.ndarray:
         return self._import(path)[0]

@@ -339,6 +339,7 @@ def test_importer_reads_files_through_pysteps_get_method(tmp_path, monkeypatch):
         np.save(tmp_path / f"RAD_{(START + timedelta(minutes=minute)):%Y%m%d%H%M}.npy", np.full((4, 6), minute, float))
     source = open_frames([str(tmp_path / "*.npy")], None, importer="fake")
     assert source.units == "mm" and source.timestep_minutes == 5 and (source.height, source.width) == (4, 6)
+    assert source.dataset == "fake"  # the importer names what is read
     assert [float(source.read(0, k, 1).max()) for k in range(3)] == [0.0, 5.0, 10.0]
     assert source.georeference.x[0] == 5.0 and source.georeference.y[0] == 95.0
 
