@@ -112,6 +112,7 @@ def evaluate_file(
     chosen = split_windows(source, spec)[1] if split == "val" else windows(source, spec.window, spec.stride)
     if not chosen:
         raise UserError(f"--split val: {forecaster.checkpoint_path} was trained without a validation split")
+    forecaster.model.config.log_padding(source.label, source.height, source.width)
     norm = forecaster.normalisation
     climatology = norm.mean_frame.to(forecaster.device)
     methods = ["model"]

@@ -108,7 +108,7 @@ class Forecaster:
                 f"{source.label}: {source.channels} channels, but {self.checkpoint_path} was trained on "
                 f"{config.channels}"
             )
-        config.log_padding(source.label, source.height, source.width)
+        config.check_frame_size(source.label, source.height, source.width)
 
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor | np.ndarray, frames: int) -> torch.Tensor:
@@ -197,6 +197,7 @@ def predict_file(
     source = forecaster.open_inputs([data_path] if data_path not in (None, "-") else None, dataset, layout, importer)
     spec = forecaster.spec
     sequences, first = _inputs_at(source, start, spec.input_frames)
+    forecaster.model.config.log_padding(source.label, source.height, source.width)  # once the input is known good
     forecast = np.concatenate(
         [
             forecaster.predict(stack(source.read(n, first, spec.input_frames) for n in chunk), frames).cpu().numpy()

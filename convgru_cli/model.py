@@ -81,6 +81,16 @@ class ModelConfig:
         m = self.size_multiple
         return -(-height // m) * m, -(-width // m) * m
 
+    def check_frame_size(self, label: str, height: int, width: int) -> None:
+        """Frames of any size are padded to fit, but not frames smaller than one cell of the coarsest level:
+        those would be mostly padding."""
+        m = self.size_multiple
+        if height < m or width < m:
+            raise UserError(
+                f"{label}: frames of {height}x{width} are smaller than this model's {m}x{m} pixels (patch "
+                f"{self.patch} x strides {'x'.join(map(str, self.strides))}); use larger frames or another --arch"
+            )
+
     def log_padding(self, label: str, height: int, width: int) -> None:
         """One info line where frames are padded to fit."""
         padded = self.padded_size(height, width)

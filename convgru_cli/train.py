@@ -598,14 +598,19 @@ def _check_fits(model_config: ModelConfig, data: TrainingData, crop: tuple[int, 
             raise UserError(
                 f"{source.label}: {source.channels} channels, but the model expects {model_config.channels}"
             )
+        model_config.check_frame_size(source.label, source.height, source.width)
+    if crop is not None:
+        if crop[0] > data.source.height or crop[1] > data.source.width:
+            raise UserError(
+                f"--crop {crop[0]},{crop[1]}: larger than the {data.source.height}x{data.source.width} frames"
+            )
+        multiple = model_config.size_multiple
+        if crop[0] % multiple or crop[1] % multiple:
+            raise UserError(
+                f"--crop {crop[0]},{crop[1]}: height and width must be multiples of {multiple} for this model"
+            )
+    for source, _ in data.validation:  # after the checks, so that a refusal stays one line
         model_config.log_padding(source.label, source.height, source.width)
-    if crop is None:
-        return
-    if crop[0] > data.source.height or crop[1] > data.source.width:
-        raise UserError(f"--crop {crop[0]},{crop[1]}: larger than the {data.source.height}x{data.source.width} frames")
-    multiple = model_config.size_multiple
-    if crop[0] % multiple or crop[1] % multiple:
-        raise UserError(f"--crop {crop[0]},{crop[1]}: height and width must be multiples of {multiple} for this model")
 
 
 def _prepare_run_dir(run_dir: str, force: bool) -> None:
