@@ -54,7 +54,11 @@ def main_options(
 def train(
     ctx: typer.Context,
     data: Annotated[
-        list[str] | None, typer.Argument(help="HDF5 file(s) or globs of frame sequences (or 'data' in --config).")
+        list[str] | None,
+        typer.Argument(
+            help="HDF5 file(s) or globs of frame sequences, or an archive folder of per-time-step radar files "
+            "(or 'data' in --config)."
+        ),
     ] = None,
     config: Annotated[str | None, typer.Option(help="TOML file of train options; the command line wins.")] = None,
     dataset: options.DatasetOpt = None,
@@ -72,6 +76,7 @@ def train(
     ] = None,
     nan_policy: options.NanPolicyOpt = "mask",
     mask_dataset: Annotated[str | None, typer.Option(help="Boolean dataset, True = valid (auto: 'mask').")] = None,
+    importer: options.ImporterOpt = None,
     transform: options.TransformOpt = "auto",
     clip: Annotated[str | None, typer.Option(help="LOW,HIGH bounds in data units, applied first.")] = None,
     cache: options.CacheOpt = "auto",
@@ -170,6 +175,7 @@ def predict(
     png: Annotated[str | None, typer.Option(help="Draw inputs | truth | forecast of one sequence as a PNG.")] = None,
     gif: Annotated[str | None, typer.Option(help="The same as an animated GIF, one frame per lead time.")] = None,
     picture_sequence: Annotated[int, typer.Option(help="Which sequence --png/--gif draw.")] = 0,
+    importer: options.ImporterOpt = None,
 ) -> None:
     """Forecast the frames that follow each sequence; HDF5 in, HDF5 out (in the data's units)."""
     from convgru_cli.forecast import predict_file
@@ -190,6 +196,7 @@ def predict(
         gif=gif,
         picture_sequence=picture_sequence,
         compile=compile,
+        importer=importer,
     )
     log.info(
         "forecast %s from %s written to %s", "x".join(map(str, result["shape"])), result["checkpoint"], result["output"]
@@ -217,6 +224,7 @@ def evaluate(
     truth_start: Annotated[int | None, typer.Option(help="With --forecast: truth frame of lead 1.")] = None,
     dataset: options.DatasetOpt = None,
     layout: options.LayoutOpt = None,
+    importer: options.ImporterOpt = None,
     batch_size: options.BatchSizeOpt = 16,
     device: options.DeviceOpt = "auto",
     precision: options.PrecisionOpt = "auto",
@@ -257,6 +265,7 @@ def evaluate(
             precision=precision,
             with_baselines=baselines,
             compile=compile,
+            importer=importer,
             **scoring,
         )
     if not main_process():

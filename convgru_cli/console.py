@@ -121,6 +121,16 @@ def print_inspection(report: dict) -> None:
             str(d.get("windows", "")),
         )
     Console(width=140).print(table)
+    archive = report.get("archive")
+    if archive:
+        typer.echo(
+            f"{archive['files']} files of {archive['quantity']}, {archive['first_time']} .. {archive['last_time']}, "
+            f"every {archive['timestep_minutes']:g} min; projection {archive['projection'] or 'unknown'}"
+        )
+        for gap in archive["gaps"]:
+            typer.echo(f"gap: no frame after {gap['after']} until {gap['before']}")
+        if not archive["gaps"]:
+            typer.echo("no gaps")
     for d in report["datasets"]:
         if "problem" in d:
             typer.echo(f"{d['name']}: {d['problem']}")

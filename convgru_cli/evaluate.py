@@ -10,7 +10,6 @@ torchrun processes, compute.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator
 
@@ -32,7 +31,7 @@ from convgru_cli.metrics import (
     zero_one_scale,
 )
 from convgru_cli.normalisation import value_range
-from convgru_cli.sources import FrameSet, FrameSource, StackedFrames, expand_paths
+from convgru_cli.sources import FrameSource, StackedFrames, check_exists
 from convgru_cli.windowing import batches, check_batch_size, split_windows, stack, windows
 
 log = logging.getLogger("convgru")
@@ -97,24 +96,23 @@ def evaluate_file(
     zr: tuple[float, float] = MARSHALL_PALMER,
     with_baselines: bool = True,
     compile: bool = False,
+    importer: str | None = None,
 ) -> dict:
     """Scores as ``{"lead_times": [...], "scores": {method: {metric: [...]}}, "mean": {method: {metric: x}}}``
     for method in model, persistence, optical_flow, climatology (the model alone without ``with_baselines``)."""
     check_scoring(thresholds, fss_scales, zr)
     if split not in ("all", "val"):
         raise UserError(f"--split {split}: choose all or val")
-    with contextlib.ExitStack() as files:
-        paths = expand_paths(data_paths) if data_paths else [None]  # None: standard input
-        opened = [files.enter_context(open_hdf5(path)) for path in paths]
-        forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision, compile)
-        parts = [forecaster.read_frames(file, dataset, layout) for file in opened]
+    check_exists(data_paths or [])
+    forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision, compile)
+    source = forecaster.open_inputs(data_paths, dataset, layout, importer)  # None: standard input
     rank, world = distributed.setup(forecaster.device)
     spec = forecaster.spec
-    source = parts[0] if len(parts) == 1 else FrameSet(parts)
     check_batch_size(batch_size)
     chosen = split_windows(source, spec)[1] if split == "val" else windows(source, spec.window, spec.stride)
     if not chosen:
         raise UserError(f"--split val: {forecaster.checkpoint_path} was trained without a validation split")
+    forecaster.model.config.log_padding(source.label, source.height, source.width)
     norm = forecaster.normalisation
     climatology = norm.mean_frame.to(forecaster.device)
     methods = ["model"]

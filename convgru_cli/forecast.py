@@ -13,14 +13,15 @@ import h5py
 import numpy as np
 import torch
 
-from convgru_cli import __version__, checkpoint, distributed
+from convgru_cli import __version__, archives, checkpoint, distributed
 from convgru_cli.atomic import hdf5_bytes, refuse_existing, write_atomically
 from convgru_cli.device import autocast, compile_failure, compile_for, pad_batch, pick_device, pick_precision
 from convgru_cli.errors import UserError
-from convgru_cli.hdf5 import frame_times, open_hdf5, pick_dataset, resolve_layout, text_attribute
+from convgru_cli.georef import Georeference, iso, write_cf
+from convgru_cli.hdf5 import open_hdf5, pick_dataset, resolve_layout, text_attribute
 from convgru_cli.model import EncoderForecaster
 from convgru_cli.normalisation import Normalisation
-from convgru_cli.sources import FrameSource, StackedFrames, mask_in
+from convgru_cli.sources import FrameSet, FrameSource, StackedFrames, check_exists, expand_paths, mask_in
 from convgru_cli.windowing import DataSpec, batches, check_batch_size, stack
 
 log = logging.getLogger("convgru")
@@ -74,6 +75,32 @@ class Forecaster:
         self.check_frames(source)
         return source
 
+    def open_inputs(
+        self, paths: list[str] | None, dataset: str | None, layout: str | None, importer: str | None = None
+    ) -> FrameSource:
+        """A forecast's input: an archive (a folder, per-time-step radar files, or files for a pysteps
+        ``importer``, by default the one the model was trained with), else HDF5 files (several: a ``FrameSet``),
+        or standard input where ``paths`` is None."""
+        importer = importer or self.spec.importer
+        names = expand_paths(paths) if paths else None
+        files = archives.archive_files(names, importer) if names else None
+        if files is None:
+            parts = []
+            for name in names or [None]:
+                with open_hdf5(name) as file:
+                    parts.append(self.read_frames(file, dataset, layout))
+            return parts[0] if len(parts) == 1 else FrameSet(parts)
+        try:
+            source = archives.Archive(files, dataset or self.spec.dataset, importer, self.spec.nan_policy)
+        except UserError:
+            if dataset:
+                raise
+            source = archives.Archive(files, None, importer, self.spec.nan_policy)  # trained on other files
+            log.info("%s: no field %r, as the model was trained on; reading %r", source.label, self.spec.dataset,
+                     source.dataset)  # fmt: skip
+        self.check_frames(source)
+        return source
+
     def check_frames(self, source: FrameSource) -> None:
         config = self.model.config
         if source.channels != config.channels:
@@ -81,7 +108,7 @@ class Forecaster:
                 f"{source.label}: {source.channels} channels, but {self.checkpoint_path} was trained on "
                 f"{config.channels}"
             )
-        config.check_frame_size(source.height, source.width)
+        config.check_frame_size(source.label, source.height, source.width)
 
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor | np.ndarray, frames: int) -> torch.Tensor:
@@ -110,17 +137,29 @@ def to_layout(forecast: np.ndarray, layout: str) -> np.ndarray:
     return np.transpose(array, [axes.index(a) for a in layout])
 
 
-def forecast_hdf5(forecast: np.ndarray, layout: str, attributes: dict) -> bytes:
-    """The forecast file as bytes: dataset ``forecast`` in the input's layout, plus ``lead_times``."""
+def forecast_hdf5(
+    forecast: np.ndarray,
+    layout: str,
+    attributes: dict,
+    valid_times: list[datetime] | None = None,
+    grid: Georeference | None = None,
+) -> bytes:
+    """The forecast file as bytes: dataset ``forecast`` in the input's layout, plus ``lead_times``. The forecast
+    of a series (``grid`` given) is also a CF file: valid times, x/y and the grid mapping where known, as HDF5
+    dimension scales that xarray (engine h5netcdf) reads."""
 
     def fill(file: h5py.File) -> None:
         dataset = file.create_dataset(
             "forecast", data=to_layout(forecast, layout), compression="gzip", compression_opts=4, shuffle=True
         )
         dataset.attrs["layout"] = layout
-        file.create_dataset("lead_times", data=np.arange(1, forecast.shape[1] + 1, dtype=np.int32))
+        dataset.attrs["units"] = attributes["units"]
+        leads = file.create_dataset("lead_times", data=np.arange(1, forecast.shape[1] + 1, dtype=np.int32))
+        leads.attrs["long_name"] = "lead time in time steps"
         for key, value in attributes.items():
             file.attrs[key] = value
+        if grid is not None:
+            write_cf(file, [(dataset, layout), (leads, "T")], valid_times, grid)
 
     return hdf5_bytes(fill)
 
@@ -141,6 +180,7 @@ def predict_file(
     gif: str | None = None,
     picture_sequence: int = 0,
     compile: bool = False,
+    importer: str | None = None,
 ) -> dict:
     """Forecast ``frames`` steps after the last input window of every sequence (or the window at ``start``).
 
@@ -152,42 +192,84 @@ def predict_file(
     if output is None and sys.stdout.isatty():
         raise UserError("refusing to write HDF5 to a terminal: use -o FILE or redirect standard output")
     refuse_existing([output, png, gif], force)
-    with open_hdf5(data_path) as file:
-        forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision, compile)
-        source = forecaster.read_frames(file, dataset, layout)
-        times = frame_times(file, source.dataset, source.steps) if source.is_series else None
+    check_exists([data_path])
+    forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision, compile)
+    source = forecaster.open_inputs([data_path] if data_path not in (None, "-") else None, dataset, layout, importer)
     spec = forecaster.spec
-    first = source.steps - spec.input_frames if start is None else start
-    if first < 0 or first + spec.input_frames > source.steps:
-        raise UserError(
-            f"{source.label}: cannot take {spec.input_frames} input frames from frame {first} of {source.steps}"
-            + ("; use --start" if start is None else "")
-        )
+    sequences, first = _inputs_at(source, start, spec.input_frames)
+    forecaster.model.config.log_padding(source.label, source.height, source.width)  # once the input is known good
     forecast = np.concatenate(
         [
-            forecaster.predict(stack(source.read(n, first, spec.input_frames) for n in sequences), frames).cpu().numpy()
-            for sequences in batches(range(source.sequences), batch_size)
+            forecaster.predict(stack(source.read(n, first, spec.input_frames) for n in chunk), frames).cpu().numpy()
+            for chunk in batches(sequences, batch_size)
         ]
     )
+    times = source.times_of(sequences[0]) if source.is_series else None
+    offset = sum(source.steps_of(n) for n in range(sequences[0])) if source.is_series else 0
     if png or gif:
-        _draw(source, times, forecast, first, spec.input_frames, picture_sequence, png, gif, force)
+        drawn = sequences[0] if source.is_series else picture_sequence  # a series: the segment forecast
+        _draw(source, times, forecast, first, spec.input_frames, drawn, png, gif, force)
     attributes = {
         "units": source.units,
         "software": f"convgru {__version__}",
         "checkpoint": os.path.abspath(forecaster.checkpoint_path),
         "input_file": data_path or "<stdin>",
         "input_dataset": source.dataset,
-        "input_frames": f"{first}..{first + spec.input_frames - 1}",
+        "input_frames": f"{offset + first}..{offset + first + spec.input_frames - 1}",  # as the frames are stored
         "model_config": json.dumps(forecaster.model.config.to_dict()),
         "timestep_minutes": source.timestep_minutes,
     }
-    payload = forecast_hdf5(forecast, source.layout, attributes)
+    valid = _valid_times(times, first + spec.input_frames - 1, frames, source.timestep_minutes)
+    if valid:
+        attributes["issue_time"] = iso(times[first + spec.input_frames - 1])
+    grid = source.georeference if source.is_series else None
+    payload = forecast_hdf5(forecast, source.layout, attributes, valid, grid)
     if output is None:
         sys.stdout.buffer.write(payload)
         sys.stdout.buffer.flush()
     else:
         write_atomically(output, lambda file: file.write(payload), force=force)
     return {"output": output or "<stdout>", "checkpoint": forecaster.checkpoint_path, "shape": list(forecast.shape)}
+
+
+def _inputs_at(source: FrameSource, start: int | None, inputs: int) -> tuple[list[int], int]:
+    """The sequences to forecast and their first input frame: every sequence of [N, ...] data, or the one
+    segment of a series that holds the input frames (the last one by default); ``start`` counts the frames of
+    the whole series, as they are stored."""
+    if not source.is_series:
+        first = source.steps - inputs if start is None else start
+        sequences = list(range(source.sequences))
+    else:
+        sequences = [source.sequences - 1]
+        begin = sum(source.steps_of(n) for n in range(source.sequences - 1))
+        if start is not None:
+            sequences = [_segment_of(source, start)]
+            begin = sum(source.steps_of(n) for n in range(sequences[0]))
+        first = source.steps_of(sequences[0]) - inputs if start is None else start - begin
+    steps = source.steps_of(sequences[0])
+    if first < 0 or first + inputs > steps:
+        where = f"frame {first if start is None else start} of {steps}"
+        advice = "; use --start" if start is None else ""
+        if source.sequences > 1 and source.is_series:
+            where, advice = f"{where} in its segment (gaps split the series)", f"{advice}; data inspect lists the gaps"
+        raise UserError(f"{source.label}: cannot take {inputs} input frames from {where}{advice}")
+    return sequences, first
+
+
+def _segment_of(source: FrameSource, frame: int) -> int:
+    begin = 0
+    for n in range(source.sequences):
+        if begin <= frame < begin + source.steps_of(n):
+            return n
+        begin += source.steps_of(n)
+    return source.sequences - 1  # past the end: refused by the caller
+
+
+def _valid_times(times: list[datetime] | None, issue: int, frames: int, minutes: float) -> list[datetime] | None:
+    """The valid time of every lead: issue time + lead x time step."""
+    if not times or not minutes:
+        return None
+    return [times[issue] + timedelta(minutes=minutes * lead) for lead in range(1, frames + 1)]
 
 
 def _draw(
@@ -207,7 +289,7 @@ def _draw(
         raise UserError(f"--picture-sequence {sequence}: the data has sequences 0..{source.sequences - 1}")
     frames = forecast.shape[1]
     truth_end = first + inputs + frames
-    truth = source.read(sequence, first + inputs, frames)[:, 0] if truth_end <= source.steps else None
+    truth = source.read(sequence, first + inputs, frames)[:, 0] if truth_end <= source.steps_of(sequence) else None
     minutes = source.timestep_minutes
     if times and len(times) > 1 and not minutes:
         minutes = (times[1] - times[0]).total_seconds() / 60
@@ -219,7 +301,7 @@ def _draw(
         ]
     strip, loop = pictures.render(
         source.read(sequence, first, inputs)[:, 0].astype(np.float32),
-        forecast[sequence, :, 0],
+        forecast[0 if source.is_series else sequence, :, 0],
         None if truth is None else truth.astype(np.float32),
         source.units,
         minutes,

@@ -1,16 +1,84 @@
-"""Looking into HDF5 files before training: what `convgru data inspect` reports."""
+"""Looking into HDF5 files and archives before training: what `convgru data inspect` reports."""
 
 from __future__ import annotations
 
 import h5py
 import numpy as np
 
+from convgru_cli import archives
 from convgru_cli.errors import UserError
+from convgru_cli.georef import iso
 from convgru_cli.hdf5 import dataset_names, is_frame_like, open_hdf5, plain
-from convgru_cli.sources import StackedFrames
+from convgru_cli.sources import StackedFrames, expand_paths
 from convgru_cli.windowing import DataSpec, windows
 
 SAMPLE_FRAMES = 64
+
+
+def inspect_paths(
+    paths: list[str],
+    input_frames: int = 10,
+    output_frames: int = 10,
+    stride: int = 1,
+    dataset: str | None = None,
+    importer: str | None = None,
+) -> dict:
+    """An archive's report (a folder, per-time-step radar files, or files for ``importer``), else one file's."""
+    names = expand_paths(paths)
+    files = archives.archive_files(names, importer)
+    if files is None:
+        if len(names) != 1:
+            raise UserError(f"{names[0]} and {len(names) - 1} more: inspect one HDF5 file at a time, or an archive")
+        return inspect_file(names[0], input_frames, output_frames, stride)
+    return inspect_archive(archives.Archive(files, dataset, importer), input_frames, output_frames, stride)
+
+
+def inspect_archive(archive: archives.Archive, input_frames: int, output_frames: int, stride: int) -> dict:
+    """The archive's times, step, gaps and grid, and the value range and no-data fraction of up to 64 frames
+    spread over it (read one at a time)."""
+    DataSpec(dataset=None, layout=None, input_frames=input_frames, output_frames=output_frames, stride=stride).check()
+    total = len(archive.frames)
+    low, high, missing = np.inf, -np.inf, 0
+    picks = np.unique(np.linspace(0, total - 1, min(total, SAMPLE_FRAMES)).astype(int))
+    for index in picks:
+        frame = archive.read_frame(index)
+        valid = frame[np.isfinite(frame)]
+        missing += frame.size - valid.size
+        if valid.size:
+            low, high = min(low, float(valid.min())), max(high, float(valid.max()))
+    try:
+        window_count, problem = len(windows(archive, input_frames + output_frames, stride)), None
+    except UserError as error:
+        window_count, problem = 0, str(error)
+    entry = {
+        "name": archive.dataset,
+        "shape": [total, archive.height, archive.width],
+        "dtype": "float32",
+        "chunks": None,
+        "compression": None,
+        "units": archive.units,
+        "layout": archive.layout,
+        "sequences": archive.sequences,
+        "min": low if np.isfinite(low) else None,
+        "max": high if np.isfinite(high) else None,
+        "no_data_fraction": missing / (len(picks) * archive.height * archive.width),
+        "windows": window_count,
+    }
+    if problem:
+        entry["problem"] = problem
+    grid = archive.georeference
+    summary = {
+        "files": total,
+        "quantity": archive.quantity,
+        "first_time": iso(archive.frames[0].time),
+        "last_time": iso(archive.frames[-1].time),
+        "timestep_minutes": archive.timestep_minutes,
+        "segments": [{"first": iso(t[0]), "frames": len(t)} for t in map(archive.times_of, range(archive.sequences))],
+        "gaps": [{"after": iso(before), "before": iso(after)} for before, after in archive.gaps()],
+        "projection": grid.projection,
+        "has_xy": grid.x is not None,
+    }
+    return {"file": archive.label, "attributes": {}, "archive": summary, "datasets": [entry]}
 
 
 def inspect_file(path: str, input_frames: int = 10, output_frames: int = 10, stride: int = 1) -> dict:

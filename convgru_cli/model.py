@@ -8,6 +8,7 @@ stable.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -26,6 +27,8 @@ TRAJGRU_FLOW_FEATURES = 32  # channels of the small network that emits them
 # predicted on top of a classical motion estimate; "shi": Shi et al.'s forecaster, which redraws every frame
 # from hidden state.
 FORECASTERS = ("anchored", "shi")
+
+log = logging.getLogger("convgru")
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,34 @@ class ModelConfig:
             multiple *= stride
         return multiple
 
-    def check_frame_size(self, height: int, width: int) -> None:
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """The frame size the model runs at: height and width rounded up to multiples of ``size_multiple``
+        (the model pads frames at the bottom and right edges as no data and crops its forecast back)."""
         m = self.size_multiple
-        if height % m or width % m:
+        return -(-height // m) * m, -(-width // m) * m
+
+    def check_frame_size(self, label: str, height: int, width: int) -> None:
+        """Frames of any size are padded to fit, but not frames smaller than one cell of the coarsest level:
+        those would be mostly padding."""
+        m = self.size_multiple
+        if height < m or width < m:
             raise UserError(
-                f"frames of {height}x{width} do not fit this model: height and width must be multiples of {m} "
-                f"(patch {self.patch} x strides {'x'.join(map(str, self.strides))}); crop or pick another --arch"
+                f"{label}: frames of {height}x{width} are smaller than this model's {m}x{m} pixels (patch "
+                f"{self.patch} x strides {'x'.join(map(str, self.strides))}); use larger frames or another --arch"
+            )
+
+    def log_padding(self, label: str, height: int, width: int) -> None:
+        """One info line where frames are padded to fit."""
+        padded = self.padded_size(height, width)
+        if padded != (height, width):
+            log.info(
+                "%s: frames of %dx%d are padded to %dx%d (multiples of %d) as no data for the model, and its "
+                "forecasts cropped back",
+                label,
+                height,
+                width,
+                *padded,
+                self.size_multiple,
             )
 
     def to_dict(self) -> dict:
@@ -393,11 +418,17 @@ class EncoderForecaster(nn.Module):
         return outputs, state
 
     def forward(self, inputs: Tensor, frames: int) -> Tensor:
-        """inputs: [B, T_in, C, H, W] normalised frames; returns [B, frames, C, H, W]."""
-        self.config.check_frame_size(*inputs.shape[-2:])
+        """inputs: [B, T_in, C, H, W] normalised frames (0 where there is no data) of any size; returns
+        [B, frames, C, H, W]. Frames whose sides are not multiples of the model's are padded with 0 (no data)
+        at the bottom and right, and the forecast is cropped back. One frame of code, as before padding: a
+        nested call would cut the compiled graphs differently."""
+        height, width = inputs.shape[-2:]
+        padded_height, padded_width = self.config.padded_size(height, width)
+        if (padded_height, padded_width) != (height, width):
+            inputs = F.pad(inputs, (0, padded_width - width, 0, padded_height - height))
         states = self.encode(inputs)
         if not self.config.anchored:
-            return self.forecast(states, frames)
+            return _cropped(self.forecast(states, frames), height, width)
         last = inputs[:, -1].float()
         with torch.no_grad():
             motion = _estimate_motion(inputs)
@@ -405,7 +436,14 @@ class EncoderForecaster(nn.Module):
         if self.config.patch > 1:
             extrapolated = F.pixel_unshuffle(extrapolated, self.config.patch)
         guide = extrapolated.flatten(0, 1).to(inputs.dtype).contiguous(memory_format=torch.channels_last)
-        return anchor(last, motion, self.forecast(states, frames, guide))
+        return _cropped(anchor(last, motion, self.forecast(states, frames, guide)), height, width)
+
+
+def _cropped(forecast: Tensor, height: int, width: int) -> Tensor:
+    """A forecast of padded frames cut back to the frames' own size (unchanged where nothing was padded)."""
+    if forecast.shape[-2:] == (height, width):
+        return forecast
+    return forecast[..., :height, :width].contiguous()
 
 
 # The search over displacements is a long Python loop of small operations: compiling it buys nothing.

@@ -26,11 +26,21 @@ def one_of(choices) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-DataArg = Annotated[str | None, typer.Argument(help="HDF5 file; standard input when omitted.", show_default=False)]
-DataFilesArg = Annotated[
-    list[str] | None, typer.Argument(help="HDF5 file(s) or globs to score, scored as one set (default: stdin).")
+DataArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="HDF5 file, or an archive folder or quoted glob of per-time-step files; standard input when omitted.",
+        show_default=False,
+    ),
 ]
-DatasetOpt = Annotated[str | None, typer.Option(help="HDF5 dataset holding the frames (auto when only one).")]
+DataFilesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="HDF5 file(s), globs or an archive folder, scored as one set (default: stdin)."),
+]
+DatasetOpt = Annotated[
+    str | None,
+    typer.Option(help="HDF5 dataset holding the frames, or an archive's quantity (DBZH, RATE) or CF variable."),
+]
 LayoutOpt = Annotated[str | None, typer.Option(help="Axis letters, e.g. NTHW, NTCHW, THW, TCHW (auto by rank).")]
 CheckpointOpt = Annotated[str | None, typer.Option(help="Checkpoint; default: the newest runs/*/best.pt.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
@@ -39,6 +49,13 @@ CompileOpt = Annotated[
     bool, typer.Option(help="torch.compile the model (CUDA graphs on CUDA); minutes to start, pays on long runs.")
 ]
 BatchSizeOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
+ImporterOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Read an archive's files with this pysteps importer (knmi_hdf5, mch_gif, fmi_pgm, mrms_grib, ...; "
+        "needs pysteps); ODIM_H5 and CF netCDF are read without it."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 # train's own

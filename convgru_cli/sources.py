@@ -1,22 +1,32 @@
 """Frame sources: where sequences of [T, C, H, W] frames come from, behind one interface (``FrameSource``).
 
 A stacked HDF5 file is one source (``StackedFrames``); several files of one frame shape are another
-(``FrameSet``); an archive of per-time-step files will be a third. Frames are handed out in the file's own
-dtype (uint8 stays uint8 until it is on the device). A file that fits the cache limit is read once into memory;
-a larger one is read window by window with h5py slices, each DataLoader worker opening its own handle.
+(``FrameSet``); an archive of per-time-step files is a third (``archives.Archive``). Frames are handed out in
+the file's own dtype (uint8 stays uint8 until it is on the device). A file that fits the cache limit is read once
+into memory; a larger one is read window by window with h5py slices, each DataLoader worker opening its own handle.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+from datetime import datetime
 from typing import Protocol
 
 import h5py
 import numpy as np
 
 from convgru_cli.errors import UserError
-from convgru_cli.hdf5 import LazyArray, file_label, open_hdf5, pick_dataset, resolve_layout, text_attribute
+from convgru_cli.georef import Georeference, segments
+from convgru_cli.hdf5 import (
+    LazyArray,
+    file_label,
+    frame_times,
+    open_hdf5,
+    pick_dataset,
+    resolve_layout,
+    text_attribute,
+)
 
 NAN_POLICIES = ("mask", "zero", "error")
 CACHE_BYTES = 2 * 1024**3
@@ -37,8 +47,9 @@ class FrameSource(Protocol):
     channels: int
     height: int
     width: int
-    is_series: bool  # one long series, split by blocks of time rather than by sequence
+    is_series: bool  # one long series (its segments, where gaps split it), split by blocks of time
     in_memory: bool
+    georeference: Georeference  # where the frames lie on the map (empty where unknown)
 
     def steps_of(self, sequence: int) -> int:
         """Frames in ``sequence``."""
@@ -46,6 +57,10 @@ class FrameSource(Protocol):
 
     def read(self, sequence: int, start: int, length: int) -> np.ndarray:
         """Frames [start, start+length) of one sequence as [length, C, H, W]."""
+        ...
+
+    def times_of(self, sequence: int) -> list[datetime] | None:
+        """The valid time of each frame of ``sequence``, where the data records them."""
         ...
 
 
@@ -83,9 +98,28 @@ class StackedFrames:
         self.units = text_attribute(source, "units") or text_attribute(file, "units")
         self.timestep_minutes = float(source.attrs.get("timestep_minutes", file.attrs.get("timestep_minutes", 0)))
         self.dataset = dataset
+        self.georeference = Georeference.read(file)
+        self._split_at_gaps(frame_times(file, dataset, self.steps) if self.is_series else None)
         in_memory = source.nbytes <= CACHE_BYTES if cache is None else cache
         self._frames = LazyArray(file, dataset, in_memory, self.label)
         self._mask = self._open_mask(file, source.shape, mask_dataset, in_memory)
+
+    def _split_at_gaps(self, times: list[datetime] | None) -> None:
+        """A series with timestamps is split where a time step is missing: each segment is a sequence."""
+        self.times = times
+        self.segments = [(0, self.steps)]
+        if times:
+            step, self.segments = segments(times)
+            self.timestep_minutes = self.timestep_minutes or step.total_seconds() / 60
+            self.sequences = len(self.segments)
+            self.steps = min(length for _, length in self.segments)
+
+    def times_of(self, sequence: int) -> list[datetime] | None:
+        """The valid times of a series' segment, where the file records them."""
+        if not self.times:
+            return None
+        begin, length = self.segments[sequence]
+        return self.times[begin : begin + length]
 
     def _open_mask(self, file: h5py.File, shape: tuple, name: str | None, in_memory: bool) -> LazyArray | None:
         if name is None:
@@ -104,7 +138,7 @@ class StackedFrames:
         return self._frames.in_memory
 
     def steps_of(self, sequence: int) -> int:
-        return self.steps  # one dataset: every sequence has as many frames
+        return self.segments[sequence][1] if self.is_series else self.steps  # [N, ...]: all as long
 
     @property
     def is_series(self) -> bool:
@@ -113,6 +147,8 @@ class StackedFrames:
     def read(self, sequence: int, start: int, length: int) -> np.ndarray:
         """Frames [start, start+length) of one sequence as [length, C, H, W], in the stored dtype unless a mask
         applies (then float32 with NaN where there is no data)."""
+        if self.is_series:
+            start += self.segments[sequence][0]
         index = tuple(
             sequence if axis == "N" else slice(start, start + length) if axis == "T" else slice(None)
             for axis in self.layout
@@ -164,13 +200,19 @@ class FrameSet:
         self.steps = min(part.steps for part in parts)
         self.is_series = False
         self.in_memory = all(part.in_memory for part in parts)
+        self.georeference = Georeference()  # files of one shape, not necessarily of one grid
 
     def steps_of(self, sequence: int) -> int:
-        return self.parts[self.index[sequence][0]].steps
+        part, local = self.index[sequence]
+        return self.parts[part].steps_of(local)
 
     def read(self, sequence: int, start: int, length: int) -> np.ndarray:
         part, local = self.index[sequence]
         return self.parts[part].read(local, start, length)
+
+    def times_of(self, sequence: int) -> list[datetime] | None:
+        part, local = self.index[sequence]
+        return self.parts[part].times_of(local)
 
 
 def expand_paths(paths: list[str]) -> list[str]:
@@ -178,11 +220,18 @@ def expand_paths(paths: list[str]) -> list[str]:
     names: list[str] = []
     for path in paths:
         literal = not glob.has_magic(path) or os.path.exists(path)  # "obs[1].h5" may be a file's own name
-        matches = [path] if literal else sorted(glob.glob(path))
+        matches = [path] if literal else sorted(p for p in glob.glob(path) if not os.path.isdir(p))
         if not matches:
             raise UserError(f"{path}: the pattern matches no file")
         names += matches
     return names
+
+
+def check_exists(paths: list[str | None]) -> None:
+    """Fail on a missing input before anything slow is done (standard input, None or "-", aside)."""
+    for name in expand_paths([p for p in paths if p not in (None, "-")]):
+        if not os.path.exists(name):
+            raise UserError(f"{name}: no such file")
 
 
 def open_frames(
@@ -192,9 +241,19 @@ def open_frames(
     cache: bool | None = None,
     nan_policy: str = "mask",
     mask_dataset: str | None = None,
+    importer: str | None = None,
 ) -> FrameSource:
-    """One file, or several (shell globs expanded here too, for configs and quoted patterns), as frames."""
+    """One file, or several (shell globs expanded here too, for configs and quoted patterns), as frames; a
+    folder, or files of one time step each (ODIM_H5, CF netCDF, or read by a pysteps ``importer``), as an
+    archive."""
+    from convgru_cli import archives
+
     names = expand_paths(paths)
+    radar_files = archives.archive_files(names, importer)
+    if radar_files is not None:
+        if nan_policy not in NAN_POLICIES:
+            raise UserError(f"--nan-policy {nan_policy}: choose one of {', '.join(NAN_POLICIES)}")
+        return archives.Archive(radar_files, dataset, importer, nan_policy)
     picked, total = {}, 0
     for name in names:
         with open_hdf5(name) as file:

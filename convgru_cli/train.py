@@ -570,7 +570,9 @@ def _placement(config: TrainConfig, spec: DataSpec) -> Placement:
 
 def _open_data(data_path: str | list[str], spec: DataSpec, config: TrainConfig, world: int) -> TrainingData:
     paths = [data_path] if isinstance(data_path, str) else list(data_path)
-    source = open_frames(paths, spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset)
+    source = open_frames(
+        paths, spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset, spec.importer
+    )
     transform = transforms.resolve(spec.transform, source.units)
     spec = replace(spec, dataset=source.dataset, layout=source.layout, transform=transform)
     train_windows, val_windows = split_windows(source, spec)
@@ -581,7 +583,9 @@ def _open_data(data_path: str | list[str], spec: DataSpec, config: TrainConfig, 
         )
     validation = [(source, val_windows)]
     for path in config.val_data:  # each its own source: another radar's frames may be of another size
-        other = open_frames([path], spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset)
+        other = open_frames(
+            [path], spec.dataset, spec.layout, config.cache, spec.nan_policy, spec.mask_dataset, spec.importer
+        )
         validation.append((other, windows(other, spec.window, spec.stride)))
     return TrainingData(source, spec, train_windows, validation)
 
@@ -594,17 +598,19 @@ def _check_fits(model_config: ModelConfig, data: TrainingData, crop: tuple[int, 
             raise UserError(
                 f"{source.label}: {source.channels} channels, but the model expects {model_config.channels}"
             )
-        try:
-            model_config.check_frame_size(source.height, source.width)
-        except UserError as error:
-            raise UserError(f"{source.label}: {error}") from None
-    if crop is None:
-        return
-    if crop[0] > data.source.height or crop[1] > data.source.width:
-        raise UserError(f"--crop {crop[0]},{crop[1]}: larger than the {data.source.height}x{data.source.width} frames")
-    multiple = model_config.size_multiple
-    if crop[0] % multiple or crop[1] % multiple:
-        raise UserError(f"--crop {crop[0]},{crop[1]}: height and width must be multiples of {multiple} for this model")
+        model_config.check_frame_size(source.label, source.height, source.width)
+    if crop is not None:
+        if crop[0] > data.source.height or crop[1] > data.source.width:
+            raise UserError(
+                f"--crop {crop[0]},{crop[1]}: larger than the {data.source.height}x{data.source.width} frames"
+            )
+        multiple = model_config.size_multiple
+        if crop[0] % multiple or crop[1] % multiple:
+            raise UserError(
+                f"--crop {crop[0]},{crop[1]}: height and width must be multiples of {multiple} for this model"
+            )
+    for source, _ in data.validation:  # after the checks, so that a refusal stays one line
+        model_config.log_padding(source.label, source.height, source.width)
 
 
 def _prepare_run_dir(run_dir: str, force: bool) -> None:
@@ -738,7 +744,7 @@ def _log_epoch(record: dict, epochs: int, batch: int, batches_in_epoch: int, imp
 
 
 def new_run_dir(data_path: str) -> str:
-    stem = os.path.splitext(os.path.basename(data_path))[0] or "run"
+    stem = os.path.splitext(os.path.basename(os.path.normpath(data_path)))[0] or "run"  # "radar/rmi/": rmi
     return os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 

@@ -36,6 +36,7 @@ class DataSpec:
     mask_dataset: str | None = None
     transform: str = "auto"  # the space the model works in (transforms.py); auto: by the data's units
     clip: tuple[float, float] | None = None  # data-unit bounds applied before anything else
+    importer: str | None = None  # the pysteps importer an archive was read with (archives.get_reader)
 
     @property
     def window(self) -> int:
@@ -73,30 +74,33 @@ def windows(source: FrameSource, length: int, stride: int) -> list[Window]:
 
 def split_windows(source: FrameSource, spec: DataSpec) -> tuple[list[Window], list[Window]]:
     """Training and validation windows that share no frame: the last sequences of a [N, ...] dataset, or
-    the last block of time of a long series, are held out. In a series one window's length of frames between
+    the last block of time of a long series (counted over all its segments, where gaps split it), are held out.
+    In a series one window's length of frames between
     the blocks is left out too, so that the validation block does not start where training ended: weather
     a few minutes apart is nearly the same, and adjacent blocks would flatter the validation scores."""
     every = windows(source, spec.window, spec.stride)
     if source.is_series:
-        cut = math.floor(source.steps * (1 - spec.val_fraction))
+        position = series_positions(source)
+        total = sum(source.steps_of(n) for n in range(source.sequences))
+        cut = math.floor(total * (1 - spec.val_fraction))
         gap = spec.window if spec.val_fraction > 0 else 0
-        last_start = every[-1][1]
+        last_start = position(every[-1])
         if spec.val_fraction > 0 and cut > last_start:  # a short series: hold out one window all the same
             log.info(
                 "%s: the last %.0f%% of %d frames hold no window of %d; holding out the last %d frames (%.0f%%) "
                 "instead, after a gap of %d",
                 source.label,
                 100 * spec.val_fraction,
-                source.steps,
+                total,
                 spec.window,
-                source.steps - last_start,
-                100 * (source.steps - last_start) / source.steps,
+                total - last_start,
+                100 * (total - last_start) / total,
                 gap,
             )
             cut = last_start
-        train = [w for w in every if w[1] + spec.window + gap <= cut]
-        val = [w for w in every if w[1] >= cut]
-        held = f"the last {source.steps - cut} of {source.steps} frames and a gap of {gap}"
+        train = [w for w in every if position(w) + spec.window + gap <= cut]
+        val = [w for w in every if position(w) >= cut]
+        held = f"the last {total - cut} of {total} frames and a gap of {gap}"
     else:
         held_out = max(1, math.ceil(source.sequences * spec.val_fraction)) if spec.val_fraction > 0 else 0
         first_val = source.sequences - held_out
@@ -114,6 +118,15 @@ def split_windows(source: FrameSource, spec: DataSpec) -> tuple[list[Window], li
             f"{spec.window} frames; raise --val-fraction or lower the frame counts"
         )
     return train, val
+
+
+def series_positions(source: FrameSource):
+    """A window's first frame counted along the whole series: a series split at gaps into several sequences
+    (segments) is split for validation by time all the same."""
+    offsets = [0]
+    for n in range(source.sequences - 1):
+        offsets.append(offsets[-1] + source.steps_of(n))
+    return lambda window: offsets[window[0]] + window[1]
 
 
 CROP_TRIES = 4  # crops drawn per window before one without signal is accepted

@@ -161,10 +161,18 @@ def test_forecast_length_is_free():
     assert out.is_contiguous()
 
 
-def test_frame_size_that_does_not_fit_is_a_clear_error():
-    model = EncoderForecaster(make_config("fast", 1))
-    with pytest.raises(UserError, match="multiples of 8"):
-        model(torch.randn(1, 2, 1, 30, 32), 1)
+@pytest.mark.parametrize("forecaster", FORECASTERS)
+def test_frame_size_that_does_not_fit_is_padded_and_cropped_back(forecaster):
+    """A 30x36 frame runs at 32x40 with the padding as no data (0); the forecast of the real pixels is the one of
+    the frame padded by hand."""
+    torch.manual_seed(0)
+    model = _live(EncoderForecaster(make_config("fast", 1, forecaster=forecaster))).eval()
+    x = torch.randn(1, 3, 1, 30, 36)
+    with torch.no_grad():
+        out = model(x, 2)
+        by_hand = model(F.pad(x, (0, 4, 0, 2)), 2)[..., :30, :36]
+    assert out.shape == (1, 2, 1, 30, 36)
+    torch.testing.assert_close(out, by_hand)
 
 
 @pytest.mark.parametrize("forecaster", FORECASTERS)

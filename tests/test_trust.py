@@ -137,16 +137,13 @@ def test_bad_data_rows(run, tmp_path, monkeypatch):
     inf[2, 3, 10, 10] = np.inf
     inf_file = write_h5(tmp_path / "inf.h5", np.where(np.isnan(inf), 0.0, inf))
     two_channels = write_h5(tmp_path / "c2.h5", np.zeros((4, 6, 2, 32, 32), dtype=np.float32))
-    odd_size = write_h5(tmp_path / "odd.h5", np.zeros((16, 6, 30, 30), dtype=np.float32))
     output = str(tmp_path / "o.h5")
     rows = [
         (["train", str(empty)], "dataset is empty"),
         (["train", nan_file, *TRAIN, "--nan-policy", "error"], "NaN values (--nan-policy error)"),
         (["train", nan_file, *TRAIN, "--nan-policy", "maybe"], "--nan-policy maybe"),
         (["train", inf_file, *TRAIN], "infinite values"),
-        (["train", odd_size, *TRAIN], "multiples of 8"),
         (["predict", two_channels, "--checkpoint", best, "-o", output], "2 channels, but"),
-        (["predict", odd_size, "--checkpoint", best, "-o", output], "multiples of 8"),
         (["predict", str(run / "data.h5"), "--checkpoint", best, "-o", str(tmp_path / "no" / "o.h5")], "no/o.h5"),
         (["train", str(run / "data.h5"), *TRAIN, "--out", str(run / "data.h5" / "run")], "--out"),
         (["train", str(run / "data.h5"), *TRAIN, "--batch-size", "500"], "--batch-size 500"),
