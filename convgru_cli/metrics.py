@@ -100,29 +100,51 @@ def thresholds_in_units(
     return levels
 
 
+SCORE_PIXELS = 2**21  # pixels scored at once (at least a frame; SSIM: a band of rows), whatever the batch
+
+
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """The 1-D Gaussian whose outer product with itself is SSIM's 2-D window."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).view(1, 1, size, size)
+    return g / g.sum()
+
+
+def _filter(images: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """``images`` [..., H, W] filtered by the separable 2-D ``window`` ⊗ ``window`` over the region it fully
+    covers, as two 1-D passes of shifted slices: float64 sums of two frames' memory, where a 2-D ``conv2d``
+    on the CPU unfolds the image into a copy per tap."""
+    size = len(window)
+    height, width = images.shape[-2:]
+    rows = sum(w * images[..., k : height - size + 1 + k, :] for k, w in enumerate(window.tolist()))
+    return sum(w * rows[..., k : width - size + 1 + k] for k, w in enumerate(window.tolist()))
 
 
 def ssim_per_frame(prediction: torch.Tensor, truth: torch.Tensor, data_range: float) -> torch.Tensor:
-    """Mean SSIM of each [H, W] image of [..., H, W] inputs, over the region the window fully covers."""
-    shape = prediction.shape[:-2]
-    x = prediction.reshape(-1, 1, *prediction.shape[-2:]).double()
-    y = truth.reshape(-1, 1, *truth.shape[-2:]).double()
-    window = _gaussian_window().to(x.device)
-    if min(x.shape[-2:]) < window.shape[-1]:
-        window = window[..., : min(x.shape[-2:]), : min(x.shape[-2:])]
-        window = window / window.sum()
-    mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
-    var_x = F.conv2d(x * x, window) - mu_x**2
-    var_y = F.conv2d(y * y, window) - mu_y**2
-    cov = F.conv2d(x * y, window) - mu_x * mu_y
+    """Mean SSIM of each [H, W] image of [..., H, W] inputs, over the region the window fully covers (a window
+    cut to the frame where the frame is smaller), in float64; computed in bands of rows, so that its memory is
+    a few times ``SCORE_PIXELS`` however large the frames."""
+    shape, (height, width) = prediction.shape[:-2], prediction.shape[-2:]
+    x, y = prediction.reshape(-1, height, width), truth.reshape(-1, height, width)
+    window = _gaussian_window()
+    size = min(len(window), height, width)
+    window = window[:size] / window[:size].sum()
+    rows = height - size + 1  # of the SSIM map
+    band = max(1, SCORE_PIXELS // (len(x) * width))
+    total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+    for top in range(0, rows, band):
+        bottom = min(top + band, rows) + size - 1
+        total += _ssim_map(x[:, top:bottom].double(), y[:, top:bottom].double(), window, data_range).sum((1, 2))
+    return (total / (rows * (width - size + 1))).view(shape)
+
+
+def _ssim_map(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, data_range: float) -> torch.Tensor:
+    mu_x, mu_y = _filter(x, window), _filter(y, window)
+    var_x = _filter(x * x, window) - mu_x**2
+    var_y = _filter(y * y, window) - mu_y**2
+    cov = _filter(x * y, window) - mu_x * mu_y
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim.mean(dim=(1, 2, 3)).view(shape)
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
 
 
 class Scores:
@@ -152,50 +174,67 @@ class Scores:
         self.table = torch.zeros(len(self.thresholds), lead_times, 4, dtype=torch.float64)
 
     def update(self, prediction: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        if prediction.device.type == "mps":  # no float64 there: score on the CPU
-            prediction, truth, valid = prediction.cpu(), truth.cpu(), None if valid is None else valid.cpu()
-        prediction, truth = prediction.double(), truth.double()
+        """[B, T, C, H, W] forecasts and truth in data units (``valid``: the pixels with data), scored a few lead
+        times of one sequence at a time (up to ``SCORE_PIXELS``): the float64 copies and the temporaries of
+        the scores then take memory of a few frames, not of the batch."""
         if valid is None:
             valid = torch.ones_like(truth, dtype=torch.bool)
+        steps, frame = prediction.shape[1], prediction[0, 0].numel()
+        group = max(1, SCORE_PIXELS // frame)
+        for b in range(prediction.shape[0]):
+            for first in range(0, steps, group):
+                leads = slice(first, min(first + group, steps))
+                self._add(prediction[b, leads], truth[b, leads], valid[b, leads], leads)
+
+    def _add(self, prediction: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor, leads: slice) -> None:
+        """The sums of [L, C, H, W] frames of lead times ``leads``."""
+        if prediction.device.type == "mps":  # no float64 there: score on the CPU
+            prediction, truth, valid = prediction.cpu(), truth.cpu(), valid.cpu()
+        prediction, truth = prediction.double(), truth.double()
         weight = valid.double()
         error = (prediction - truth) * weight
-        by_lead = (0, 2, 3, 4)
+        per_frame = (1, 2, 3)
         add = self.sums
-        add["sse"] += (error**2).sum(by_lead).cpu()
-        add["sae"] += error.abs().sum(by_lead).cpu()
-        add["pixels"] += weight.sum(by_lead).cpu()
+        frame_sse = (error**2).sum(per_frame)
+        frame_pixels = weight.sum(per_frame)
+        add["sse"][leads] += frame_sse.cpu()
+        add["sae"][leads] += error.abs().sum(per_frame).cpu()
+        add["pixels"][leads] += frame_pixels.cpu()
         # Per-frame scores count only frames with data; SSIM is computed over the whole frame.
-        frame_pixels = weight.sum(dim=(2, 3, 4))  # [B, T]
         has_data = (frame_pixels > 0).double()
-        frame_sse = (error**2).sum(dim=(2, 3, 4))
         if self.zero_one_scale:
-            add["frame_sse01"] += (frame_sse / self.zero_one_scale**2).sum(0).cpu()
+            add["frame_sse01"][leads] += (frame_sse / self.zero_one_scale**2).cpu()
         frame_mse = frame_sse / frame_pixels.clamp(min=1)
         psnr = 10 * torch.log10(self.data_range**2 / frame_mse.clamp(min=1e-12))
-        add["psnr"] += (psnr * has_data).sum(0).cpu()
-        ssim = ssim_per_frame(prediction, truth, self.data_range).mean(dim=2)
-        add["ssim"] += (ssim * has_data).sum(0).cpu()
-        add["frames"] += has_data.sum(0).cpu()
+        add["psnr"][leads] += (psnr * has_data).cpu()
+        del error, weight
+        ssim = ssim_per_frame(prediction, truth, self.data_range).mean(dim=1)
+        add["ssim"][leads] += (ssim * has_data).cpu()
+        add["frames"][leads] += has_data.cpu()
         for i, threshold in enumerate(self.thresholds):
-            forecast_yes, observed_yes = prediction >= threshold, truth >= threshold
-            counts = [
-                forecast_yes & observed_yes,  # hits
-                ~forecast_yes & observed_yes,  # misses
-                forecast_yes & ~observed_yes,  # false alarms
-                ~forecast_yes & ~observed_yes,  # correct negatives
-            ]
-            for j, event in enumerate(counts):
-                self.table[i, :, j] += (event & valid).sum(by_lead).double().cpu()
-            for k, scale in enumerate(self.fss_scales):
-                fractions = [
-                    F.avg_pool2d((yes & valid).double().flatten(0, 2)[:, None], scale, 1, scale // 2).view(
-                        *truth.shape[:3], -1
-                    )
-                    for yes in (forecast_yes, observed_yes)
-                ]
-                pf, po = fractions
-                self.fss[i, k, :, 0] += (pf - po).square().sum(dim=(0, 2, 3)).cpu()
-                self.fss[i, k, :, 1] += (pf.square() + po.square()).sum(dim=(0, 2, 3)).cpu()
+            self._add_events(i, prediction >= threshold, truth >= threshold, valid, leads)
+
+    def _add_events(
+        self, i: int, forecast_yes: torch.Tensor, observed_yes: torch.Tensor, valid: torch.Tensor, leads: slice
+    ) -> None:
+        """Contingency counts and FSS sums at threshold ``i`` of [L, C, H, W] frames."""
+        counts = [
+            forecast_yes & observed_yes,  # hits
+            ~forecast_yes & observed_yes,  # misses
+            forecast_yes & ~observed_yes,  # false alarms
+            ~forecast_yes & ~observed_yes,  # correct negatives
+        ]
+        for j, event in enumerate(counts):
+            self.table[i, leads, j] += (event & valid).sum(dim=(1, 2, 3)).double().cpu()
+        for k, scale in enumerate(self.fss_scales):
+            pf, po = (
+                F.avg_pool2d((yes & valid).double().flatten(0, 1)[:, None], scale, 1, scale // 2).view(
+                    *valid.shape[:2], -1
+                )
+                for yes in (forecast_yes, observed_yes)
+            )
+            self.fss[i, k, leads, 0] += (pf - po).square().sum(dim=(1, 2)).cpu()
+            self.fss[i, k, leads, 1] += (pf.square() + po.square()).sum(dim=(1, 2)).cpu()
 
     def state(self) -> torch.Tensor:
         """All running sums as one tensor: states add up (across workers, batches or torchrun ranks, in one
