@@ -110,14 +110,29 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return g / g.sum()
 
 
+FILTER_BLOCK = 64  # output pixels per product with the banded window matrix
+
+
 def _filter(images: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """``images`` [..., H, W] filtered by the separable 2-D ``window`` ⊗ ``window`` over the region it fully
-    covers, as two 1-D passes of shifted slices: float64 sums of two frames' memory, where a 2-D ``conv2d``
-    on the CPU unfolds the image into a copy per tap."""
+    covers, as two 1-D passes, each a product with a banded matrix a block of pixels at a time: float64 in
+    the memory of about two images, where a 2-D ``conv2d`` on the CPU unfolds the image into a copy per tap."""
     size = len(window)
-    height, width = images.shape[-2:]
-    rows = sum(w * images[..., k : height - size + 1 + k, :] for k, w in enumerate(window.tolist()))
-    return sum(w * rows[..., k : width - size + 1 + k] for k, w in enumerate(window.tolist()))
+    block = min(FILTER_BLOCK, max(images.shape[-2:]))
+    banded = torch.zeros(block + size - 1, block, dtype=images.dtype, device=images.device)
+    for j in range(block):
+        banded[j : j + size, j] = window.to(images)
+    rows = _along_last(images.transpose(-1, -2), banded, size).transpose(-1, -2)
+    return _along_last(rows, banded, size)
+
+
+def _along_last(images: torch.Tensor, banded: torch.Tensor, size: int) -> torch.Tensor:
+    width, block = images.shape[-1] - size + 1, banded.shape[1]
+    parts = []
+    for first in range(0, width, block):
+        count = min(block, width - first)
+        parts.append(images[..., first : first + count + size - 1] @ banded[: count + size - 1, :count])
+    return torch.cat(parts, dim=-1)
 
 
 def ssim_per_frame(prediction: torch.Tensor, truth: torch.Tensor, data_range: float) -> torch.Tensor:
