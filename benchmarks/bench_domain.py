@@ -98,10 +98,12 @@ def old_vs_new(workdir: str, ref: str, windows: int) -> None:
     data, ckpt = os.path.join(workdir, "s256.h5"), os.path.join(workdir, "s256.pt")
     write_series(data, 256, 256, windows + INPUTS + INPUTS - 1)
     write_checkpoint(ckpt, 256, 256, INPUTS)
-    old_tree = os.path.join(workdir, "old")
-    os.makedirs(old_tree, exist_ok=True)
-    archive = subprocess.run(["git", "archive", ref, "convgru_cli"], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", old_tree], input=archive, check=True)
+    old_tree = ref  # a directory holding an older convgru_cli, or a revision of this repository to unpack
+    if not os.path.isdir(os.path.join(ref, "convgru_cli")):
+        old_tree = os.path.join(workdir, "old")
+        os.makedirs(old_tree, exist_ok=True)
+        archive = subprocess.run(["git", "archive", ref, "convgru_cli"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", old_tree], input=archive, check=True)
     trees = {"old": old_tree, "new": os.getcwd()}
     for baselines in ("--baselines", "--no-baselines"):
         reports = {}
@@ -154,7 +156,11 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"of {', '.join(SIZES)}")
     parser.add_argument("--outputs", type=int, default=12, help="lead times of the domain runs")
     parser.add_argument("--memory-budget", default=None, help="passed to predict and evaluate")
-    parser.add_argument("--old", default=None, help="git revision whose evaluate to compare on the 256² series")
+    parser.add_argument(
+        "--old",
+        default=None,
+        help="git revision, or a directory holding its convgru_cli: whose evaluate to compare on 256²",
+    )
     parser.add_argument("--old-windows", type=int, default=50)
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="bench_domain_")
