@@ -154,10 +154,8 @@ def ssim_per_frame(prediction: torch.Tensor, truth: torch.Tensor, data_range: fl
 
 
 def _ssim_map(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, data_range: float) -> torch.Tensor:
-    mu_x, mu_y = _filter(x, window), _filter(y, window)
-    var_x = _filter(x * x, window) - mu_x**2
-    var_y = _filter(y * y, window) - mu_y**2
-    cov = _filter(x * y, window) - mu_x * mu_y
+    mu_x, mu_y, xx, yy, xy = _filter(torch.stack([x, y, x * x, y * y, x * y]), window)  # the five moments at once
+    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
 
@@ -189,50 +187,51 @@ class Scores:
         self.table = torch.zeros(len(self.thresholds), lead_times, 4, dtype=torch.float64)
 
     def update(self, prediction: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """[B, T, C, H, W] forecasts and truth in data units (``valid``: the pixels with data), scored a few lead
-        times of one sequence at a time (up to ``SCORE_PIXELS``): the float64 copies and the temporaries of
-        the scores then take memory of a few frames, not of the batch."""
+        """[B, T, C, H, W] forecasts and truth in data units (``valid``: the pixels with data), scored up to
+        ``SCORE_PIXELS`` at a time (whole sequences of small frames, a few lead times of large ones): the
+        float64 copies and the temporaries of the scores then take memory of a few frames, not of the batch."""
         if valid is None:
             valid = torch.ones_like(truth, dtype=torch.bool)
         steps, frame = prediction.shape[1], prediction[0, 0].numel()
-        group = max(1, SCORE_PIXELS // frame)
-        for b in range(prediction.shape[0]):
-            for first in range(0, steps, group):
-                leads = slice(first, min(first + group, steps))
-                self._add(prediction[b, leads], truth[b, leads], valid[b, leads], leads)
+        leads_at_once = max(1, min(steps, SCORE_PIXELS // frame))
+        sequences_at_once = max(1, SCORE_PIXELS // (frame * steps)) if leads_at_once == steps else 1
+        for b in range(0, prediction.shape[0], sequences_at_once):
+            for first in range(0, steps, leads_at_once):
+                part = (slice(b, b + sequences_at_once), slice(first, min(first + leads_at_once, steps)))
+                self._add(prediction[part], truth[part], valid[part], part[1])
 
     def _add(self, prediction: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor, leads: slice) -> None:
-        """The sums of [L, C, H, W] frames of lead times ``leads``."""
+        """The sums of [S, L, C, H, W] frames of lead times ``leads``."""
         if prediction.device.type == "mps":  # no float64 there: score on the CPU
             prediction, truth, valid = prediction.cpu(), truth.cpu(), valid.cpu()
         prediction, truth = prediction.double(), truth.double()
         weight = valid.double()
         error = (prediction - truth) * weight
-        per_frame = (1, 2, 3)
+        per_frame = (2, 3, 4)
         add = self.sums
-        frame_sse = (error**2).sum(per_frame)
+        frame_sse = (error**2).sum(per_frame)  # [S, L]
         frame_pixels = weight.sum(per_frame)
-        add["sse"][leads] += frame_sse.cpu()
-        add["sae"][leads] += error.abs().sum(per_frame).cpu()
-        add["pixels"][leads] += frame_pixels.cpu()
+        add["sse"][leads] += frame_sse.sum(0).cpu()
+        add["sae"][leads] += error.abs().sum(per_frame).sum(0).cpu()
+        add["pixels"][leads] += frame_pixels.sum(0).cpu()
         # Per-frame scores count only frames with data; SSIM is computed over the whole frame.
         has_data = (frame_pixels > 0).double()
         if self.zero_one_scale:
-            add["frame_sse01"][leads] += (frame_sse / self.zero_one_scale**2).cpu()
+            add["frame_sse01"][leads] += (frame_sse / self.zero_one_scale**2).sum(0).cpu()
         frame_mse = frame_sse / frame_pixels.clamp(min=1)
         psnr = 10 * torch.log10(self.data_range**2 / frame_mse.clamp(min=1e-12))
-        add["psnr"][leads] += (psnr * has_data).cpu()
+        add["psnr"][leads] += (psnr * has_data).sum(0).cpu()
         del error, weight
-        ssim = ssim_per_frame(prediction, truth, self.data_range).mean(dim=1)
-        add["ssim"][leads] += (ssim * has_data).cpu()
-        add["frames"][leads] += has_data.cpu()
+        ssim = ssim_per_frame(prediction, truth, self.data_range).mean(dim=2)
+        add["ssim"][leads] += (ssim * has_data).sum(0).cpu()
+        add["frames"][leads] += has_data.sum(0).cpu()
         for i, threshold in enumerate(self.thresholds):
             self._add_events(i, prediction >= threshold, truth >= threshold, valid, leads)
 
     def _add_events(
         self, i: int, forecast_yes: torch.Tensor, observed_yes: torch.Tensor, valid: torch.Tensor, leads: slice
     ) -> None:
-        """Contingency counts and FSS sums at threshold ``i`` of [L, C, H, W] frames."""
+        """Contingency counts and FSS sums at threshold ``i`` of [S, L, C, H, W] frames."""
         counts = [
             forecast_yes & observed_yes,  # hits
             ~forecast_yes & observed_yes,  # misses
@@ -240,16 +239,16 @@ class Scores:
             ~forecast_yes & ~observed_yes,  # correct negatives
         ]
         for j, event in enumerate(counts):
-            self.table[i, leads, j] += (event & valid).sum(dim=(1, 2, 3)).double().cpu()
+            self.table[i, leads, j] += (event & valid).sum(dim=(0, 2, 3, 4)).double().cpu()
         for k, scale in enumerate(self.fss_scales):
             pf, po = (
-                F.avg_pool2d((yes & valid).double().flatten(0, 1)[:, None], scale, 1, scale // 2).view(
-                    *valid.shape[:2], -1
+                F.avg_pool2d((yes & valid).double().flatten(0, 2)[:, None], scale, 1, scale // 2).view(
+                    *valid.shape[:3], -1
                 )
                 for yes in (forecast_yes, observed_yes)
             )
-            self.fss[i, k, leads, 0] += (pf - po).square().sum(dim=(1, 2)).cpu()
-            self.fss[i, k, leads, 1] += (pf.square() + po.square()).sum(dim=(1, 2)).cpu()
+            self.fss[i, k, leads, 0] += (pf - po).square().sum(dim=(0, 2, 3)).cpu()
+            self.fss[i, k, leads, 1] += (pf.square() + po.square()).sum(dim=(0, 2, 3)).cpu()
 
     def state(self) -> torch.Tensor:
         """All running sums as one tensor: states add up (across workers, batches or torchrun ranks, in one

@@ -188,7 +188,7 @@ def _reference_sums(prediction, truth, valid, data_range, thresholds, scale):
     return scores
 
 
-@pytest.mark.parametrize("pixels", [2**21, 300])  # a sequence at a time, or a frame at a time in bands
+@pytest.mark.parametrize("pixels", [2**21, 2000, 300])  # all at once, two leads at a time, a frame in bands
 def test_scores_in_groups_of_frames_equal_the_whole_batch_at_once(pixels, monkeypatch):
     monkeypatch.setattr(metrics, "SCORE_PIXELS", pixels)
     torch.manual_seed(1)
