@@ -71,22 +71,20 @@ def write_checkpoint(path: str, height: int, width: int, outputs: int) -> None:
 
 
 def measure(command: list[str], env: dict | None = None) -> dict:
-    """Wall seconds and peak resident memory (GB) of ``command`` run in a fresh process."""
+    """Wall seconds, CPU seconds (user + system: what a shared machine's other load disturbs least) and peak
+    resident memory (GB) of ``command`` run in a fresh process."""
     began = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - began
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return {"seconds": seconds, "peak_gb": _peak_gb(done), "stdout": done.stdout}
-
-
-def _peak_gb(done: subprocess.CompletedProcess) -> float:
-    """The child's peak, as /usr/bin/time -f %M prints it last on stderr (KB)."""
-    return int(done.stderr.strip().splitlines()[-1]) / 1e6
+    user, system, peak_kb = done.stderr.strip().splitlines()[-1].split()  # /usr/bin/time's line, printed last
+    cpu = float(user) + float(system)
+    return {"seconds": seconds, "cpu": cpu, "peak_gb": int(peak_kb) / 1e6, "stdout": done.stdout}
 
 
 def convgru(*args: str) -> list[str]:
-    return ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "convgru_cli", *args]
+    return ["/usr/bin/time", "-f", "%U %S %M", sys.executable, "-m", "convgru_cli", *args]
 
 
 def evaluate_command(data: str, ckpt: str, extra: tuple[str, ...] = ()) -> list[str]:
@@ -113,7 +111,8 @@ def old_vs_new(workdir: str, ref: str, windows: int) -> None:
             result = measure(evaluate_command(data, ckpt, (baselines,)), env)
             reports[name] = json.loads(result["stdout"])
             print(f"256² evaluate {baselines} {name} ({ref if name == 'old' else 'this tree'}): "
-                  f"{result['seconds']:.1f} s, peak {result['peak_gb']:.2f} GB", flush=True)  # fmt: skip
+                  f"{result['seconds']:.1f} s wall, {result['cpu']:.1f} s CPU, peak {result['peak_gb']:.2f} GB",
+                  flush=True)  # fmt: skip
         print(f"  largest score difference old/new: {_largest_difference(reports['old'], reports['new']):.2e}")
 
 
@@ -146,7 +145,8 @@ def domain(workdir: str, label: str, outputs: int, budget: str | None) -> None:
     evaluate = measure(convgru("evaluate", "--forecast", out, "--truth", data, "--json", *extra))
     pixels = height * width / 1e6
     for name, result in (("predict", predict), ("evaluate --forecast", evaluate)):
-        print(f"{label:>10} {name:20} 6→{outputs}: {result['seconds']:7.1f} s, peak {result['peak_gb']:5.2f} GB "
+        print(f"{label:>10} {name:20} 6→{outputs}: {result['seconds']:7.1f} s wall, {result['cpu']:7.1f} s CPU, "
+              f"peak {result['peak_gb']:5.2f} GB "
               f"({result['peak_gb'] / pixels:.3f} GB per megapixel)", flush=True)  # fmt: skip
     for path in (data, out):
         os.remove(path)
