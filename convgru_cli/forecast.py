@@ -109,7 +109,7 @@ class Forecaster:
             return forecast
         tile, multiple = self._tile(pixels, steps, frames), self.model.config.size_multiple
         for b in range(batch):
-            forecast[b : b + 1] = predict_tiled(self._runner(frames), inputs[b : b + 1], frames, tile, multiple)
+            predict_tiled(self._runner(frames), inputs[b : b + 1], frames, tile, multiple, out=forecast[b : b + 1])
         return forecast
 
     def _runner(self, frames: int):

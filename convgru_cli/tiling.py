@@ -70,20 +70,26 @@ def ramp(length: int, start: int, stop: int, reach: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_tiled(
-    run: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, frames: int, tile: int, multiple: int
+    run: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    frames: int,
+    tile: int,
+    multiple: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``run`` (inputs [B, T, C, h, w] -> [B, frames, C, h, w]) over overlapping ``tile``-sized tiles of
-    ``inputs`` [B, T, C, H, W], blended into one forecast [B, frames, C, H, W]."""
+    ``inputs`` [B, T, C, H, W], blended into one forecast [B, frames, C, H, W]: ``out`` where given (the sum
+    is made in it, so the forecast is held once)."""
     height, width = inputs.shape[-2:]
     reach = halo(frames)
     overlap = 2 * reach + BLEND
-    forecast = torch.zeros(inputs.shape[0], frames, inputs.shape[2], height, width)
-    total = torch.zeros(height, width)
+    forecast = torch.zeros(inputs.shape[0], frames, inputs.shape[2], height, width) if out is None else out.zero_()
+    total = torch.zeros(height, width, device=forecast.device)
     for top, bottom in spans(height, tile, overlap, multiple):
         for left, right in spans(width, tile, overlap, multiple):
             weight = ramp(height, top, bottom, reach)[:, None] * ramp(width, left, right, reach)[None, :]
-            part = run(inputs[..., top:bottom, left:right]).cpu()
-            forecast[..., top:bottom, left:right] += part * weight
+            weight = weight.to(forecast.device)
+            forecast[..., top:bottom, left:right] += run(inputs[..., top:bottom, left:right]).to(forecast) * weight
             total[top:bottom, left:right] += weight
     return forecast.div_(total)
 
