@@ -172,6 +172,7 @@ def predict(
     device: options.DeviceOpt = "auto",
     precision: options.PrecisionOpt = "auto",
     compile: options.CompileOpt = False,
+    memory_budget: options.MemoryBudgetOpt = None,
     png: Annotated[str | None, typer.Option(help="Draw inputs | truth | forecast of one sequence as a PNG.")] = None,
     gif: Annotated[str | None, typer.Option(help="The same as an animated GIF, one frame per lead time.")] = None,
     picture_sequence: Annotated[int, typer.Option(help="Which sequence --png/--gif draw.")] = 0,
@@ -197,6 +198,7 @@ def predict(
         picture_sequence=picture_sequence,
         compile=compile,
         importer=importer,
+        memory_budget=options.memory_budget(memory_budget),
     )
     log.info(
         "forecast %s from %s written to %s", "x".join(map(str, result["shape"])), result["checkpoint"], result["output"]
@@ -229,6 +231,7 @@ def evaluate(
     device: options.DeviceOpt = "auto",
     precision: options.PrecisionOpt = "auto",
     compile: options.CompileOpt = False,
+    memory_budget: options.MemoryBudgetOpt = None,
     as_json: options.JsonOpt = False,
     csv: Annotated[str | None, typer.Option(help="Also write method,metric,lead_time,value rows here.")] = None,
     plot: Annotated[str | None, typer.Option(help="Also draw each score against lead time (PNG).")] = None,
@@ -246,6 +249,7 @@ def evaluate(
         dataset=dataset,
         layout=layout,
         batch_size=batch_size,
+        memory_budget=options.memory_budget(memory_budget),
     )
     refuse_existing([csv, plot], force)
     if forecast:

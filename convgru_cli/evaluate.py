@@ -32,6 +32,7 @@ from convgru_cli.metrics import (
 )
 from convgru_cli.normalisation import value_range
 from convgru_cli.sources import FrameSource, StackedFrames, check_exists
+from convgru_cli.tiling import DEFAULT_BUDGET
 from convgru_cli.windowing import batches, check_batch_size, split_windows, stack, windows
 
 log = logging.getLogger("convgru")
@@ -54,14 +55,24 @@ def _score(
         truth = truth.float()
         valid = torch.isfinite(truth)
         truth = torch.nan_to_num(truth)
-        for method in methods:
+        for method in methods:  # one baseline's forecast in memory at a time
             if method in baselines.METHODS:
-                forecasts[method] = baselines.get_method(method).forecast(inputs, lead_times)
-            scores[method].update(forecasts[method], truth, valid)
+                forecast = baselines.get_method(method).forecast(inputs, lead_times)
+            else:
+                forecast = forecasts.pop(method)
+            scores[method].update(forecast, truth, valid)
+            del forecast
     for method_scores in scores.values():
         method_scores.load_state(distributed.sum_over_processes(method_scores.state(), device))
     per_lead = {method: s.compute() for method, s in scores.items()}
     return per_lead, {method: mean_over_leads(values) for method, values in per_lead.items()}
+
+
+def sequences_per_batch(batch_size: int, memory_budget: int | None, source: FrameSource, window: int) -> int:
+    """Windows read and scored together: ``batch_size``, or fewer where the raw windows, their truth and the
+    forecasts of a method or two (float32) would not fit the memory budget; at least one."""
+    per_window = 4 * source.channels * source.height * source.width * 3 * window
+    return max(1, min(batch_size, (memory_budget or DEFAULT_BUDGET) // per_window))
 
 
 def _thresholds(given: tuple[str | float, ...], source: FrameSource, zr: tuple[float, float]) -> dict[str, float]:
@@ -97,14 +108,17 @@ def evaluate_file(
     with_baselines: bool = True,
     compile: bool = False,
     importer: str | None = None,
+    memory_budget: int | None = None,
 ) -> dict:
     """Scores as ``{"lead_times": [...], "scores": {method: {metric: [...]}}, "mean": {method: {metric: x}}}``
-    for method in model, persistence, optical_flow, climatology (the model alone without ``with_baselines``)."""
+    for method in model, persistence, optical_flow, climatology (the model alone without ``with_baselines``).
+    ``memory_budget`` (bytes) bounds the windows held at once (``sequences_per_batch``) and each run of the
+    model (Forecaster.predict)."""
     check_scoring(thresholds, fss_scales, zr)
     if split not in ("all", "val"):
         raise UserError(f"--split {split}: choose all or val")
     check_exists(data_paths or [])
-    forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision, compile)
+    forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision, compile, memory_budget)
     source = forecaster.open_inputs(data_paths, dataset, layout, importer)  # None: standard input
     rank, world = distributed.setup(forecaster.device)
     spec = forecaster.spec
@@ -123,8 +137,10 @@ def evaluate_file(
         else:
             log.warning("no climatology baseline: the frames are not the size the model was trained on")
 
+    held = sequences_per_batch(batch_size, memory_budget, source, spec.window)
+
     def batch_stream() -> Iterator[Batch]:
-        for batch_windows in batches(chosen[rank::world], batch_size):  # under torchrun each process scores a share
+        for batch_windows in batches(chosen[rank::world], held):  # under torchrun each process scores a share
             batch = stack(source.read(n, s, spec.window) for n, s in batch_windows).to(forecaster.device)
             inputs, truth = batch[:, : spec.input_frames], batch[:, spec.input_frames :]
             model = forecaster.predict(inputs, spec.output_frames)
@@ -158,6 +174,7 @@ def evaluate_forecasts(
     batch_size: int = 16,
     fss_scales: tuple[int, ...] = (),
     zr: tuple[float, float] = MARSHALL_PALMER,
+    memory_budget: int | None = None,
 ) -> dict:
     """Score a forecast file (dataset ``forecast`` [N, T, (C,) H, W], from any model) against the frames of a
     truth file from ``truth_start`` on: by default the frame after the forecast's recorded input window. The
@@ -189,8 +206,10 @@ def evaluate_forecasts(
     history = min(truth_start, 4)
     check_batch_size(batch_size)
 
+    held = sequences_per_batch(batch_size, memory_budget, truth, history + 2 * lead_times)
+
     def batch_stream() -> Iterator[Batch]:
-        for sequences in batches(range(truth.sequences), batch_size):
+        for sequences in batches(range(truth.sequences), held):
             inputs = stack(truth.read(n, truth_start - history, history) for n in sequences)
             observed = stack(truth.read(n, truth_start, lead_times) for n in sequences)
             predicted = stack(forecast.read(n, 0, lead_times) for n in sequences)

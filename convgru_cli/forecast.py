@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -14,14 +15,15 @@ import numpy as np
 import torch
 
 from convgru_cli import __version__, archives, checkpoint, distributed
-from convgru_cli.atomic import hdf5_bytes, refuse_existing, write_atomically
+from convgru_cli.atomic import atomic_path, hdf5_bytes, refuse_existing
 from convgru_cli.device import autocast, compile_failure, compile_for, pad_batch, pick_device, pick_precision
 from convgru_cli.errors import UserError
-from convgru_cli.georef import Georeference, iso, write_cf
+from convgru_cli.georef import iso, write_cf
 from convgru_cli.hdf5 import open_hdf5, pick_dataset, resolve_layout, text_attribute
 from convgru_cli.model import EncoderForecaster
 from convgru_cli.normalisation import Normalisation
 from convgru_cli.sources import FrameSet, FrameSource, StackedFrames, check_exists, expand_paths, mask_in
+from convgru_cli.tiling import DEFAULT_BUDGET, bytes_per_pixel, predict_tiled, smallest_tile
 from convgru_cli.windowing import DataSpec, batches, check_batch_size, stack
 
 log = logging.getLogger("convgru")
@@ -39,9 +41,17 @@ class Forecaster:
     precision: torch.dtype
     checkpoint_path: str
     compiled_batch: int = 0  # compiled: the batch size of the first call, to which smaller batches are padded
+    memory_budget: int | None = None  # bytes a run of the model may take; None: DEFAULT_BUDGET, or the smallest tile
 
     @classmethod
-    def load(cls, path: str, device: str = "auto", precision: str = "auto", compile: bool = False) -> Forecaster:
+    def load(
+        cls,
+        path: str,
+        device: str = "auto",
+        precision: str = "auto",
+        compile: bool = False,
+        memory_budget: int | None = None,
+    ) -> Forecaster:
         torch_device = distributed.process_device(pick_device(device))
         saved = checkpoint.load(path, map_location=torch_device)
         model_config, spec, normalisation = checkpoint.configs(saved)
@@ -56,6 +66,7 @@ class Forecaster:
             device=torch_device,
             precision=pick_precision(precision, torch_device),
             checkpoint_path=path,
+            memory_budget=memory_budget,
         )
 
     def read_frames(self, file: h5py.File, dataset: str | None, layout: str | None) -> StackedFrames:
@@ -113,8 +124,43 @@ class Forecaster:
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor | np.ndarray, frames: int) -> torch.Tensor:
         """Raw input frames [B, T, C, H, W] (tensor or array) -> forecast [B, frames, C, H, W], float32 in data
-        units."""
-        normalised, _ = self.normalisation.normalise(torch.as_tensor(inputs).to(self.device))
+        units: as many sequences at a time as fit the memory budget, or one in tiles (tiling.py)."""
+        inputs = torch.as_tensor(inputs)
+        batch, steps, channels, height, width = inputs.shape
+        pixels = (self.memory_budget or DEFAULT_BUDGET) // bytes_per_pixel(self.model.config, steps, frames)
+        forecast = torch.empty(batch, frames, channels, height, width, device=self.device)
+        if height * width <= pixels:
+            chunk = max(1, pixels // (height * width))
+            for first in range(0, batch, chunk):
+                forecast[first : first + chunk] = self._predict(inputs[first : first + chunk], frames)
+            return forecast
+        tile, multiple = self._tile(pixels, steps, frames), self.model.config.size_multiple
+        for b in range(batch):
+            predict_tiled(self._runner(frames), inputs[b : b + 1], frames, tile, multiple, out=forecast[b : b + 1])
+        return forecast
+
+    def _runner(self, frames: int):
+        return lambda inputs: self._predict(inputs, frames)
+
+    def _tile(self, pixels: int, steps: int, frames: int) -> int:
+        """The side of square tiles of ``pixels`` at most, on the model's size multiple, or the smallest tile
+        where the budget was not set."""
+        multiple = self.model.config.size_multiple
+        tile, smallest = multiple * int(math.sqrt(pixels) // multiple), smallest_tile(frames, multiple)
+        if tile >= smallest:
+            return tile
+        needed = smallest**2 * bytes_per_pixel(self.model.config, steps, frames)
+        if self.memory_budget is not None:
+            raise UserError(
+                f"--memory-budget {_size(self.memory_budget)}: too small for tiles of {smallest}x{smallest} pixels, "
+                f"the smallest that keep a halo for {frames} lead times; give at least {_size(needed)}"
+            )
+        log.info("tiles of %dx%d pixels take about %.1f GB (--memory-budget)", smallest, smallest, needed / 1e9)
+        return smallest
+
+    def _predict(self, inputs: torch.Tensor, frames: int) -> torch.Tensor:
+        """One run of the network on raw frames [B, T, C, H, W]."""
+        normalised, _ = self.normalisation.normalise(inputs.to(self.device))
         batch = len(normalised)
         if self.network is not self.model:  # a file's last batch is usually smaller
             self.compiled_batch = self.compiled_batch or batch
@@ -127,41 +173,39 @@ class Forecaster:
         return self.normalisation.denormalise(prediction.float())
 
 
-def to_layout(forecast: np.ndarray, layout: str) -> np.ndarray:
-    """[N, T, C, H, W] -> the given layout (dropping N for a series and C where the input had none)."""
-    array, axes = forecast, list("NTCHW")
+def _size(count: int) -> str:
+    return f"{count / 1e9:.1f}GB" if count >= 1e9 else f"{count / 1e6:.0f}MB"
+
+
+def write_lead(dataset: h5py.Dataset, first: int, lead: int, frames: np.ndarray) -> None:
+    """One lead time of the forecasts of sequences ``first``.. ([b, C, H, W]) into ``dataset``, in its layout
+    (without N for a series and without C where the input had none)."""
+    layout = text_attribute(dataset, "layout")
+    place = {"N": slice(first, first + len(frames)), "T": lead}
+    axes = list("NCHW")
     for axis in ("N", "C"):
         if axis not in layout:
-            array = array.take(0, axis=axes.index(axis))
+            frames = frames.take(0, axis=axes.index(axis))
             axes.remove(axis)
-    return np.transpose(array, [axes.index(a) for a in layout])
+    index = tuple(place.get(axis, slice(None)) for axis in layout)
+    dataset[index] = np.transpose(frames, [axes.index(axis) for axis in layout if axis != "T"])
 
 
-def forecast_hdf5(
-    forecast: np.ndarray,
-    layout: str,
-    attributes: dict,
-    valid_times: list[datetime] | None = None,
-    grid: Georeference | None = None,
-) -> bytes:
-    """The forecast file as bytes: dataset ``forecast`` in the input's layout, plus ``lead_times``. The forecast
-    of a series (``grid`` given) is also a CF file: valid times, x/y and the grid mapping where known, as HDF5
-    dimension scales that xarray (engine h5netcdf) reads."""
-
-    def fill(file: h5py.File) -> None:
-        dataset = file.create_dataset(
-            "forecast", data=to_layout(forecast, layout), compression="gzip", compression_opts=4, shuffle=True
-        )
-        dataset.attrs["layout"] = layout
-        dataset.attrs["units"] = attributes["units"]
-        leads = file.create_dataset("lead_times", data=np.arange(1, forecast.shape[1] + 1, dtype=np.int32))
-        leads.attrs["long_name"] = "lead time in time steps"
-        for key, value in attributes.items():
-            file.attrs[key] = value
-        if grid is not None:
-            write_cf(file, [(dataset, layout), (leads, "T")], valid_times, grid)
-
-    return hdf5_bytes(fill)
+def create_forecast(file: h5py.File, shape: dict[str, int], layout: str, attributes: dict) -> h5py.Dataset:
+    """The forecast file's datasets, empty: ``forecast`` of ``shape`` (axis letter -> size) in the input's
+    layout, chunked by frame (tiles of 512² at most), and ``lead_times``."""
+    size = tuple(shape[axis] for axis in layout)
+    chunks = tuple(min(shape[axis], 512) if axis in "HW" else 1 for axis in layout)
+    dataset = file.create_dataset(
+        "forecast", size, np.float32, chunks=chunks, compression="gzip", compression_opts=4, shuffle=True
+    )
+    dataset.attrs["layout"] = layout
+    dataset.attrs["units"] = attributes["units"]
+    leads = file.create_dataset("lead_times", data=np.arange(1, shape["T"] + 1, dtype=np.int32))
+    leads.attrs["long_name"] = "lead time in time steps"
+    for key, value in attributes.items():
+        file.attrs[key] = value
+    return dataset
 
 
 def predict_file(
@@ -181,11 +225,14 @@ def predict_file(
     picture_sequence: int = 0,
     compile: bool = False,
     importer: str | None = None,
+    memory_budget: int | None = None,
 ) -> dict:
     """Forecast ``frames`` steps after the last input window of every sequence (or the window at ``start``).
 
     ``data_path`` None reads standard input; ``output`` None writes standard output. ``png`` and ``gif`` draw
-    sequence ``picture_sequence``: its inputs, the truth where the file holds it, and the forecast."""
+    sequence ``picture_sequence``: its inputs, the truth where the file holds it, and the forecast.
+    ``memory_budget`` (bytes) bounds a run of the model (Forecaster.predict); the file is written a batch at a
+    time."""
     if frames < 1:
         raise UserError(f"--frames {frames}: must be at least 1")
     check_batch_size(batch_size)
@@ -193,22 +240,16 @@ def predict_file(
         raise UserError("refusing to write HDF5 to a terminal: use -o FILE or redirect standard output")
     refuse_existing([output, png, gif], force)
     check_exists([data_path])
-    forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision, compile)
+    forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision, compile, memory_budget)
     source = forecaster.open_inputs([data_path] if data_path not in (None, "-") else None, dataset, layout, importer)
     spec = forecaster.spec
     sequences, first = _inputs_at(source, start, spec.input_frames)
+    drawn_sequence = sequences[0] if source.is_series else picture_sequence  # a series: the segment forecast
+    if (png or gif) and drawn_sequence not in sequences:
+        raise UserError(f"--picture-sequence {picture_sequence}: the data has sequences 0..{source.sequences - 1}")
     forecaster.model.config.log_padding(source.label, source.height, source.width)  # once the input is known good
-    forecast = np.concatenate(
-        [
-            forecaster.predict(stack(source.read(n, first, spec.input_frames) for n in chunk), frames).cpu().numpy()
-            for chunk in batches(sequences, batch_size)
-        ]
-    )
     times = source.times_of(sequences[0]) if source.is_series else None
     offset = sum(source.steps_of(n) for n in range(sequences[0])) if source.is_series else 0
-    if png or gif:
-        drawn = sequences[0] if source.is_series else picture_sequence  # a series: the segment forecast
-        _draw(source, times, forecast, first, spec.input_frames, drawn, png, gif, force)
     attributes = {
         "units": source.units,
         "software": f"convgru {__version__}",
@@ -223,13 +264,34 @@ def predict_file(
     if valid:
         attributes["issue_time"] = iso(times[first + spec.input_frames - 1])
     grid = source.georeference if source.is_series else None
-    payload = forecast_hdf5(forecast, source.layout, attributes, valid, grid)
-    if output is None:
-        sys.stdout.buffer.write(payload)
+    shape = dict(N=len(sequences), T=frames, C=source.channels, H=source.height, W=source.width)
+    drawn = []
+
+    def fill(file: h5py.File) -> None:
+        """Forecast a batch at a time and write it a lead time at a time: one batch's forecast in memory. The
+        forecast of a series (``grid`` given) is also a CF file: valid times, x/y and the grid mapping where
+        known, as HDF5 dimension scales that xarray (engine h5netcdf) reads."""
+        dataset = create_forecast(file, shape, source.layout, attributes)
+        for positions in batches(range(len(sequences)), batch_size):
+            inputs = stack(source.read(sequences[p], first, spec.input_frames) for p in positions)
+            forecast = forecaster.predict(inputs, frames).cpu().numpy()
+            del inputs
+            for lead in range(frames):
+                write_lead(dataset, positions[0], lead, forecast[:, lead])
+            if (png or gif) and sequences.index(drawn_sequence) in positions:
+                drawn.append(forecast[positions.index(sequences.index(drawn_sequence))])
+        if grid is not None:
+            write_cf(file, [(dataset, source.layout), (file["lead_times"], "T")], valid, grid)
+
+    if output is None:  # a pipe cannot be written in place: the file is built in memory
+        sys.stdout.buffer.write(hdf5_bytes(fill))
         sys.stdout.buffer.flush()
     else:
-        write_atomically(output, lambda file: file.write(payload), force=force)
-    return {"output": output or "<stdout>", "checkpoint": forecaster.checkpoint_path, "shape": list(forecast.shape)}
+        with atomic_path(output, force) as temporary, h5py.File(temporary, "w") as file:
+            fill(file)
+    if drawn:
+        _draw(source, times, drawn[0], first, spec.input_frames, drawn_sequence, png, gif, force)
+    return {"output": output or "<stdout>", "checkpoint": forecaster.checkpoint_path, "shape": [*shape.values()]}
 
 
 def _inputs_at(source: FrameSource, start: int | None, inputs: int) -> tuple[list[int], int]:
@@ -285,9 +347,7 @@ def _draw(
 ) -> None:
     from convgru_cli import pictures
 
-    if not 0 <= sequence < source.sequences:
-        raise UserError(f"--picture-sequence {sequence}: the data has sequences 0..{source.sequences - 1}")
-    frames = forecast.shape[1]
+    frames = len(forecast)  # [frames, C, H, W], of ``sequence``
     truth_end = first + inputs + frames
     truth = source.read(sequence, first + inputs, frames)[:, 0] if truth_end <= source.steps_of(sequence) else None
     minutes = source.timestep_minutes
@@ -301,7 +361,7 @@ def _draw(
         ]
     strip, loop = pictures.render(
         source.read(sequence, first, inputs)[:, 0].astype(np.float32),
-        forecast[0 if source.is_series else sequence, :, 0],
+        forecast[:, 0],
         None if truth is None else truth.astype(np.float32),
         source.units,
         minutes,

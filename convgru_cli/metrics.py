@@ -100,6 +100,9 @@ def thresholds_in_units(
     return levels
 
 
+SCORE_PIXELS = 2**21  # pixels scored at once (at least a frame; SSIM: a band of rows), whatever the batch
+
+
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """The 1-D Gaussian whose outer product with itself is SSIM's 2-D window."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
@@ -107,34 +110,54 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return g / g.sum()
 
 
-def _blurred(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """x [N, 1, H, W] convolved with the 2-D window as two 1-D passes: a 2-D 11x11 convolution of a 2200x1900
-    composite unfolds to gigabytes."""
-    return F.conv2d(F.conv2d(x, g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
+FILTER_BLOCK = 64  # output pixels per product with the banded window matrix
 
 
-SSIM_FRAMES = 4  # frames convolved at once: bounds the memory on large grids
+def _filter(images: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """``images`` [..., H, W] filtered by the separable 2-D ``window`` ⊗ ``window`` over the region it fully
+    covers, as two 1-D passes, each a product with a banded matrix a block of pixels at a time: float64 in
+    the memory of about two images, where a 2-D ``conv2d`` on the CPU unfolds the image into a copy per tap."""
+    size = len(window)
+    block = min(FILTER_BLOCK, max(images.shape[-2:]))
+    banded = torch.zeros(block + size - 1, block, dtype=images.dtype, device=images.device)
+    for j in range(block):
+        banded[j : j + size, j] = window.to(images)
+    rows = _along_last(images.transpose(-1, -2), banded, size).transpose(-1, -2)
+    return _along_last(rows, banded, size)
+
+
+def _along_last(images: torch.Tensor, banded: torch.Tensor, size: int) -> torch.Tensor:
+    width, block = images.shape[-1] - size + 1, banded.shape[1]
+    parts = []
+    for first in range(0, width, block):
+        count = min(block, width - first)
+        parts.append(images[..., first : first + count + size - 1] @ banded[: count + size - 1, :count])
+    return torch.cat(parts, dim=-1)
 
 
 def ssim_per_frame(prediction: torch.Tensor, truth: torch.Tensor, data_range: float) -> torch.Tensor:
-    """Mean SSIM of each [H, W] image of [..., H, W] inputs, over the region the window fully covers."""
-    shape = prediction.shape[:-2]
-    x = prediction.reshape(-1, 1, *prediction.shape[-2:]).double()
-    y = truth.reshape(-1, 1, *truth.shape[-2:]).double()
-    g = _gaussian_window().to(x.device)
-    if min(x.shape[-2:]) < len(g):
-        g = g[: min(x.shape[-2:])]
-        g = g / g.sum()
+    """Mean SSIM of each [H, W] image of [..., H, W] inputs, over the region the window fully covers (a window
+    cut to the frame where the frame is smaller), in float64; computed in bands of rows, so that its memory is
+    a few times ``SCORE_PIXELS`` however large the frames."""
+    shape, (height, width) = prediction.shape[:-2], prediction.shape[-2:]
+    x, y = prediction.reshape(-1, height, width), truth.reshape(-1, height, width)
+    window = _gaussian_window()
+    size = min(len(window), height, width)
+    window = window[:size] / window[:size].sum()
+    rows = height - size + 1  # of the SSIM map
+    band = max(1, SCORE_PIXELS // (len(x) * width))
+    total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+    for top in range(0, rows, band):
+        bottom = min(top + band, rows) + size - 1
+        total += _ssim_map(x[:, top:bottom].double(), y[:, top:bottom].double(), window, data_range).sum((1, 2))
+    return (total / (rows * (width - size + 1))).view(shape)
+
+
+def _ssim_map(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, data_range: float) -> torch.Tensor:
+    mu_x, mu_y, xx, yy, xy = _filter(torch.stack([x, y, x * x, y * y, x * y]), window)  # the five moments at once
+    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    means = []
-    for xs, ys in zip(x.split(SSIM_FRAMES), y.split(SSIM_FRAMES), strict=True):
-        mu_x, mu_y = _blurred(xs, g), _blurred(ys, g)
-        var_x = _blurred(xs * xs, g) - mu_x**2
-        var_y = _blurred(ys * ys, g) - mu_y**2
-        cov = _blurred(xs * ys, g) - mu_x * mu_y
-        ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-        means.append(ssim.mean(dim=(1, 2, 3)))
-    return torch.cat(means).view(shape)
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
 
 
 class Scores:
@@ -164,50 +187,68 @@ class Scores:
         self.table = torch.zeros(len(self.thresholds), lead_times, 4, dtype=torch.float64)
 
     def update(self, prediction: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        if prediction.device.type == "mps":  # no float64 there: score on the CPU
-            prediction, truth, valid = prediction.cpu(), truth.cpu(), None if valid is None else valid.cpu()
-        prediction, truth = prediction.double(), truth.double()
+        """[B, T, C, H, W] forecasts and truth in data units (``valid``: the pixels with data), scored up to
+        ``SCORE_PIXELS`` at a time (whole sequences of small frames, a few lead times of large ones): the
+        float64 copies and the temporaries of the scores then take memory of a few frames, not of the batch."""
         if valid is None:
             valid = torch.ones_like(truth, dtype=torch.bool)
+        steps, frame = prediction.shape[1], prediction[0, 0].numel()
+        leads_at_once = max(1, min(steps, SCORE_PIXELS // frame))
+        sequences_at_once = max(1, SCORE_PIXELS // (frame * steps)) if leads_at_once == steps else 1
+        for b in range(0, prediction.shape[0], sequences_at_once):
+            for first in range(0, steps, leads_at_once):
+                part = (slice(b, b + sequences_at_once), slice(first, min(first + leads_at_once, steps)))
+                self._add(prediction[part], truth[part], valid[part], part[1])
+
+    def _add(self, prediction: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor, leads: slice) -> None:
+        """The sums of [S, L, C, H, W] frames of lead times ``leads``."""
+        if prediction.device.type == "mps":  # no float64 there: score on the CPU
+            prediction, truth, valid = prediction.cpu(), truth.cpu(), valid.cpu()
+        prediction, truth = prediction.double(), truth.double()
         weight = valid.double()
         error = (prediction - truth) * weight
-        by_lead = (0, 2, 3, 4)
+        per_frame = (2, 3, 4)
         add = self.sums
-        add["sse"] += (error**2).sum(by_lead).cpu()
-        add["sae"] += error.abs().sum(by_lead).cpu()
-        add["pixels"] += weight.sum(by_lead).cpu()
+        frame_sse = (error**2).sum(per_frame)  # [S, L]
+        frame_pixels = weight.sum(per_frame)
+        add["sse"][leads] += frame_sse.sum(0).cpu()
+        add["sae"][leads] += error.abs().sum(per_frame).sum(0).cpu()
+        add["pixels"][leads] += frame_pixels.sum(0).cpu()
         # Per-frame scores count only frames with data; SSIM is computed over the whole frame.
-        frame_pixels = weight.sum(dim=(2, 3, 4))  # [B, T]
         has_data = (frame_pixels > 0).double()
-        frame_sse = (error**2).sum(dim=(2, 3, 4))
         if self.zero_one_scale:
-            add["frame_sse01"] += (frame_sse / self.zero_one_scale**2).sum(0).cpu()
+            add["frame_sse01"][leads] += (frame_sse / self.zero_one_scale**2).sum(0).cpu()
         frame_mse = frame_sse / frame_pixels.clamp(min=1)
         psnr = 10 * torch.log10(self.data_range**2 / frame_mse.clamp(min=1e-12))
-        add["psnr"] += (psnr * has_data).sum(0).cpu()
+        add["psnr"][leads] += (psnr * has_data).sum(0).cpu()
+        del error, weight
         ssim = ssim_per_frame(prediction, truth, self.data_range).mean(dim=2)
-        add["ssim"] += (ssim * has_data).sum(0).cpu()
-        add["frames"] += has_data.sum(0).cpu()
+        add["ssim"][leads] += (ssim * has_data).sum(0).cpu()
+        add["frames"][leads] += has_data.sum(0).cpu()
         for i, threshold in enumerate(self.thresholds):
-            forecast_yes, observed_yes = prediction >= threshold, truth >= threshold
-            counts = [
-                forecast_yes & observed_yes,  # hits
-                ~forecast_yes & observed_yes,  # misses
-                forecast_yes & ~observed_yes,  # false alarms
-                ~forecast_yes & ~observed_yes,  # correct negatives
-            ]
-            for j, event in enumerate(counts):
-                self.table[i, :, j] += (event & valid).sum(by_lead).double().cpu()
-            for k, scale in enumerate(self.fss_scales):
-                fractions = [
-                    F.avg_pool2d((yes & valid).double().flatten(0, 2)[:, None], scale, 1, scale // 2).view(
-                        *truth.shape[:3], -1
-                    )
-                    for yes in (forecast_yes, observed_yes)
-                ]
-                pf, po = fractions
-                self.fss[i, k, :, 0] += (pf - po).square().sum(dim=(0, 2, 3)).cpu()
-                self.fss[i, k, :, 1] += (pf.square() + po.square()).sum(dim=(0, 2, 3)).cpu()
+            self._add_events(i, prediction >= threshold, truth >= threshold, valid, leads)
+
+    def _add_events(
+        self, i: int, forecast_yes: torch.Tensor, observed_yes: torch.Tensor, valid: torch.Tensor, leads: slice
+    ) -> None:
+        """Contingency counts and FSS sums at threshold ``i`` of [S, L, C, H, W] frames."""
+        counts = [
+            forecast_yes & observed_yes,  # hits
+            ~forecast_yes & observed_yes,  # misses
+            forecast_yes & ~observed_yes,  # false alarms
+            ~forecast_yes & ~observed_yes,  # correct negatives
+        ]
+        for j, event in enumerate(counts):
+            self.table[i, leads, j] += (event & valid).sum(dim=(0, 2, 3, 4)).double().cpu()
+        for k, scale in enumerate(self.fss_scales):
+            pf, po = (
+                F.avg_pool2d((yes & valid).double().flatten(0, 2)[:, None], scale, 1, scale // 2).view(
+                    *valid.shape[:3], -1
+                )
+                for yes in (forecast_yes, observed_yes)
+            )
+            self.fss[i, k, leads, 0] += (pf - po).square().sum(dim=(0, 2, 3)).cpu()
+            self.fss[i, k, leads, 1] += (pf.square() + po.square()).sum(dim=(0, 2, 3)).cpu()
 
     def state(self) -> torch.Tensor:
         """All running sums as one tensor: states add up (across workers, batches or torchrun ranks, in one

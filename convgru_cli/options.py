@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import tomllib
 from typing import Annotated
 
@@ -54,6 +56,14 @@ ImporterOpt = Annotated[
     typer.Option(
         help="Read an archive's files with this pysteps importer (knmi_hdf5, mch_gif, fmi_pgm, mrms_grib, ...; "
         "needs pysteps); ODIM_H5 and CF netCDF are read without it."
+    ),
+]
+MemoryBudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Memory a run of the model may take, e.g. 4GB: whole frames, fewer sequences at a time, or "
+        "overlapping tiles blended back [default: 1GB, or the smallest tile].",
+        show_default=False,
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
@@ -117,6 +127,23 @@ def crop_size(text: str | None) -> tuple[int, int] | None:
     if len(sizes) not in (1, 2) or min(sizes) < 1:
         raise UserError(f"--crop {text}: expected SIZE or HEIGHT,WIDTH in pixels, e.g. 256 or 128,256")
     return (sizes[0], sizes[-1])
+
+
+BYTE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def memory_budget(text: str | None) -> int | None:
+    """ "4GB", "512MiB", "2e9" -> bytes; nothing -> None (the default)."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    try:
+        value = float(match.group(1)) * BYTE_UNITS[match.group(2).lower()] if match else math.nan
+    except (KeyError, ValueError):
+        value = math.nan
+    if not 1e6 <= value < math.inf:
+        raise UserError(f"--memory-budget {text}: expected a size of at least 1MB, e.g. 4GB, 512MB or 8GiB")
+    return int(value)
 
 
 def cache_choice(choice: str) -> bool | None:

@@ -215,6 +215,8 @@ def _bad_inputs(tmp_path, trained):
         (["predict", short, "--checkpoint", best, "-o", str(tmp_path / "o.h5"), "--start", "3"], "cannot take"),
         (["evaluate", short, "--checkpoint", best], "fewer than the 6 needed"),
         (["evaluate", data, "--checkpoint", best, "--thresholds", "a,b"], "--thresholds"),
+        (["evaluate", data, "--checkpoint", best, "--memory-budget", "lots"], "--memory-budget lots: expected a size"),
+        (["predict", data, "--checkpoint", best, "-o", str(tmp_path / "o.h5"), "--memory-budget", "1MB"], "too small"),
     ]
     if not _has_cuda():
         cases.append((["train", data, "--device", "cuda"], "CUDA is not available"))
@@ -316,3 +318,25 @@ def test_failed_compilation_in_predict_is_one_clear_error(trained, tmp_path):
         r"convgru: error: --compile: torch\.compile failed \(.+\); run without --compile\n", done.stderr
     )
     assert not out.exists()
+
+
+def test_a_small_memory_budget_gives_the_same_forecast_and_scores(trained, tmp_path):
+    """At 2 MB the model runs on the 32² digits one sequence at a time."""
+    best = str(trained / "runs" / "r" / "best.pt")
+    outputs = {}
+    for budget in ([], ["--memory-budget", "2MB"]):
+        out = tmp_path / f"forecast{len(budget)}.h5"
+        result = runner.invoke(
+            app, ["predict", str(trained / "data.h5"), "--frames", "3", "--checkpoint", best, "-o", str(out), *budget]
+        )
+        assert result.exit_code == 0, result.output
+        with h5py.File(out) as file:
+            forecast = file["forecast"][()]
+        result = runner.invoke(app, ["evaluate", str(trained / "data.h5"), "--checkpoint", best, "--json", *budget])
+        assert result.exit_code == 0, result.output
+        outputs[len(budget)] = forecast, json.loads(result.stdout)["scores"]
+    (forecast, scores), (budgeted, budgeted_scores) = outputs[0], outputs[2]
+    np.testing.assert_allclose(budgeted, forecast, atol=1e-5)
+    for method, values in scores.items():
+        for metric, per_lead in values.items():
+            assert budgeted_scores[method][metric] == pytest.approx(per_lead, abs=1e-6, nan_ok=True), (method, metric)

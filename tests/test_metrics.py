@@ -2,7 +2,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from convgru_cli import metrics
 from convgru_cli.metrics import Scores, categorical_scores, mean_over_leads, ssim_per_frame
 
 
@@ -151,3 +153,68 @@ def test_default_thresholds_follow_units_and_sevir():
     assert default_thresholds("dBZ", "frames") == (20, 30, 40)
     assert default_thresholds("", "data/vil") == (16, 74, 133, 160, 181, 219)
     assert default_thresholds("", "frames") == ()
+
+
+def _reference_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float) -> torch.Tensor:
+    """SSIM as it is usually written: [N, H, W] -> [N], one 2-D float64 Gaussian conv2d per moment."""
+    x, y = x.double()[:, None], y.double()[:, None]
+    size = min(11, *x.shape[-2:])
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))[:size]
+    window = g[:, None] * g[None, :]
+    window = (window / window.sum()).view(1, 1, size, size)
+    mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
+    var_x = F.conv2d(x * x, window) - mu_x**2
+    var_y = F.conv2d(y * y, window) - mu_y**2
+    cov = F.conv2d(x * y, window) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("shape", [(4, 32, 40), (3, 11, 11), (2, 7, 9), (2, 1, 5)])
+@pytest.mark.parametrize("pixels", [2**21, 1])  # one band of rows, or one row at a time
+def test_separable_ssim_equals_the_2d_convolution(shape, pixels, monkeypatch):
+    monkeypatch.setattr(metrics, "SCORE_PIXELS", pixels)
+    torch.manual_seed(0)
+    truth = torch.rand(shape) * 10
+    prediction = (truth + 3 * torch.randn(shape)).float()
+    expected = _reference_ssim(prediction, truth, 10.0)
+    assert torch.allclose(ssim_per_frame(prediction, truth, 10.0), expected, rtol=0, atol=1e-6)
+
+
+def _reference_sums(prediction, truth, valid, data_range, thresholds, scale):
+    """The scores of one [B, T, C, H, W] batch computed at once, plainly, per lead time."""
+    p, t, w = prediction.double(), truth.double(), valid.double()
+    error = (p - t) * w
+    frame_mse = (error**2).sum((2, 3, 4)) / w.sum((2, 3, 4))
+    ssim = _reference_ssim(p.flatten(0, 2), t.flatten(0, 2), data_range).view(p.shape[:3]).mean(2)
+    scores = {
+        "mse": (error**2).sum((0, 2, 3, 4)) / w.sum((0, 2, 3, 4)),
+        "mae": error.abs().sum((0, 2, 3, 4)) / w.sum((0, 2, 3, 4)),
+        "psnr": (10 * torch.log10(data_range**2 / frame_mse)).mean(0),
+        "ssim": ssim.mean(0),
+    }
+    for threshold in thresholds:
+        yes_f, yes_o = (p >= threshold) & valid, (t >= threshold) & valid
+        hits, misses = (yes_f & yes_o).sum((0, 2, 3, 4)), (~yes_f & yes_o).sum((0, 2, 3, 4))
+        alarms = (yes_f & ~yes_o).sum((0, 2, 3, 4))
+        scores[f"csi@{threshold:g}"] = hits / (hits + misses + alarms)
+        pf, po = (F.avg_pool2d(yes.double().flatten(0, 2)[:, None], scale, 1, scale // 2) for yes in (yes_f, yes_o))
+        pf, po = pf.view(*p.shape[:3], -1), po.view(*p.shape[:3], -1)
+        difference = (pf - po).square().sum((0, 2, 3))
+        scores[f"fss@{threshold:g}/{scale}"] = 1 - difference / (pf.square() + po.square()).sum((0, 2, 3))
+    return scores
+
+
+@pytest.mark.parametrize("pixels", [2**21, 2000, 300])  # all at once, two leads at a time, a frame in bands
+def test_scores_in_groups_of_frames_equal_the_whole_batch_at_once(pixels, monkeypatch):
+    monkeypatch.setattr(metrics, "SCORE_PIXELS", pixels)
+    torch.manual_seed(1)
+    truth = torch.rand(3, 4, 2, 20, 24) * 10
+    prediction = (truth + 2 * torch.randn_like(truth)).clamp(min=0)
+    valid = torch.rand_like(truth) > 0.1
+    scores = Scores(4, 10.0, thresholds=(2.0, 5.0), fss_scales=(3,))
+    scores.update(prediction, truth, valid)
+    result = scores.compute()
+    for name, values in _reference_sums(prediction, truth, valid, 10.0, (2.0, 5.0), 3).items():
+        assert result[name] == pytest.approx(values.tolist(), abs=1e-6), name
