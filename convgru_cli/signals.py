@@ -1,8 +1,8 @@
 """Ctrl-C and SIGTERM, in one place: what the command line does on them, and what training does instead.
 
 Outside training, SIGTERM (kill, timeout, a batch scheduler) removes this process's temporary files and
-exits 130 at once. Training turns SIGTERM into KeyboardInterrupt, like Ctrl-C, so that it can save last.pt
-first, and holds both back while an optimizer step and its bookkeeping run.
+exits 130 at once. Training notes both SIGTERM and Ctrl-C and stops at the next step boundary, so that it can
+save last.pt first, never between an optimizer step and its bookkeeping.
 """
 
 from __future__ import annotations
@@ -27,26 +27,35 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop_on_signal)
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Inside the block SIGTERM raises KeyboardInterrupt, as Ctrl-C does."""
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+_pending: list[int] = []  # signals noted inside ``deferred()``, not yet acted on
 
 
 @contextlib.contextmanager
-def held() -> Iterator[None]:
-    """Ctrl-C or SIGTERM inside the block takes effect, as KeyboardInterrupt, when the block is done."""
-    caught, previous = [], {}
+def deferred() -> Iterator[None]:
+    """Inside the block Ctrl-C and SIGTERM are noted, and ``check()`` raises KeyboardInterrupt where training can
+    stop cleanly (between optimizer steps, between validation batches). Raised from the handler itself, the
+    exception could land in a finalizer, where Python ignores it, and training would go on. A second signal
+    before a check raises at once, for a process stuck in one long call."""
+
+    def note(number: int, frame) -> None:
+        if _pending:
+            raise KeyboardInterrupt
+        _pending.append(number)
+
+    previous = {}
+    _pending.clear()
     try:
         for number in (signal.SIGINT, signal.SIGTERM):
-            previous[number] = signal.signal(number, lambda number, frame: caught.append(number))
+            previous[number] = signal.signal(number, note)
         yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-    if caught:
+        _pending.clear()
+
+
+def check() -> None:
+    """KeyboardInterrupt if Ctrl-C or SIGTERM came inside ``deferred()``."""
+    if _pending:
+        _pending.clear()
         raise KeyboardInterrupt

@@ -384,7 +384,7 @@ def fit(run: Run, data_path: str | list[str], show_progress: bool = True, option
         _log_start(run)
 
     # -- epochs; Ctrl-C or SIGTERM saves last.pt, from which --resume continues
-    with signals.sigterm_as_interrupt():
+    with signals.deferred():
         started = time.perf_counter() - run.progress.elapsed
         try:
             while run.progress.epoch < run.config.epochs:
@@ -478,13 +478,13 @@ def train_step(run: Run, batch: torch.Tensor, started: float) -> tuple[float, bo
     if config.grad_clip:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
-    with signals.held():  # a checkpoint never holds the new weights with the old step count
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        progress.batch += 1
-        progress.step += 1
-        progress.epoch_loss += loss_value * len(batch)
-        progress.epoch_sequences += len(batch)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    progress.batch += 1
+    progress.step += 1
+    progress.epoch_loss += loss_value * len(batch)
+    progress.epoch_sequences += len(batch)
+    signals.check()  # here, a checkpoint never holds the new weights with the old step count
     return loss_value, out_of_time
 
 
@@ -542,6 +542,7 @@ def validate(run: Run) -> float | None:
         mine = val_windows[run.rank :: run.world]
         batch_lists = [list(indices) for indices in batches(range(len(mine)), batch_size)]
         for batch in _loader(WindowDataset(source, mine, spec.window), batch_lists, 0, run.device):
+            signals.check()
             batch, count = batch.to(run.device), len(batch)
             if run.config.compile:  # the ragged last batch
                 batch = pad_batch(batch, batch_size)

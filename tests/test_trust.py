@@ -370,3 +370,21 @@ def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
     assert process.returncode == 130, stderr
     assert "convgru: interrupted" in stderr and "Traceback" not in stderr
     assert list(out.iterdir()) == []
+
+
+def test_training_notes_a_signal_and_stops_at_the_next_check():
+    """The handler raises nothing (raised there, KeyboardInterrupt can land in a finalizer and be ignored); the
+    next check does, and a second signal before it raises at once."""
+    from convgru_cli import signals
+
+    with signals.deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # handlers run between bytecodes of the main thread
+        with pytest.raises(KeyboardInterrupt):
+            signals.check()
+        signals.check()  # acted on once
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
