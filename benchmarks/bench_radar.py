@@ -52,22 +52,6 @@ def stack_odim(folder: str, out: str, size: int = 384) -> str:
     return out
 
 
-def pysteps_extrapolation(inputs: torch.Tensor, frames: int) -> torch.Tensor | None:
-    """pysteps' reference nowcast: Lucas–Kanade motion of the last three inputs (in dBR, pysteps' habit) and
-    semi-Lagrangian extrapolation of the last one; None without pysteps."""
-    try:
-        from pysteps import motion, nowcasts
-    except ImportError:
-        return None
-    out = []
-    for sequence in inputs[:, :, 0].numpy():
-        decibels = np.where(sequence >= 0.1, 10 * np.log10(np.maximum(sequence, 0.1)), -15.0)
-        velocity = motion.get_method("LK")(decibels[-3:])
-        forecast = nowcasts.get_method("extrapolation")(sequence[-1], velocity, frames)
-        out.append(np.nan_to_num(forecast))
-    return torch.from_numpy(np.stack(out)).float()[:, :, None]
-
-
 class Tally:
     """Per-lead sums for MSE, contingency counts at THRESHOLDS, and the values for the 99.9th percentile."""
 
@@ -111,6 +95,7 @@ def score(checkpoint: str, test_file: str, inputs: int, leads: int, batch: int =
     series = torch.from_numpy(h5py.File(test_file, "r")["frames"][:]).float()
     starts = list(range(len(series) - inputs - leads + 1))
     tallies: dict[str, Tally] = {}
+    with_pysteps = "pysteps" in baselines.METHODS
     for first in range(0, len(starts), batch):
         windows = torch.stack([series[s : s + inputs + leads] for s in starts[first : first + batch]])[:, :, None]
         past, truth = windows[:, :inputs], windows[:, inputs:]
@@ -118,7 +103,7 @@ def score(checkpoint: str, test_file: str, inputs: int, leads: int, batch: int =
             "model": forecaster.predict(past, leads),
             "persistence": baselines.persistence(past, leads),
             "built-in flow": baselines.optical_flow(past, leads),
-            "pysteps": pysteps_extrapolation(past, leads),
+            "pysteps": baselines.get_method("pysteps").forecast(past, leads, "mm/h") if with_pysteps else None,
             "observed": truth,
         }
         for name, forecast in forecasts.items():

@@ -1,7 +1,7 @@
 """Reference forecasts any model must beat, in a registry by name (as pysteps' ``nowcasts.get_method``).
 
-Every method has one signature, ``(inputs [B, T, C, H, W] raw, frames) -> [B, frames, C, H, W]`` in data units
-with no NaN, and says how many input frames it needs. Adding a method is adding an entry to ``METHODS``;
+Every method has one signature, ``(inputs [B, T, C, H, W] raw, frames, units) -> [B, frames, C, H, W]`` in data
+units with no NaN, and says how many input frames it needs. Adding a method is adding an entry to ``METHODS``;
 pysteps' extrapolation nowcast is one where pysteps is installed (``pip install convgru[pysteps]``).
 """
 
@@ -16,35 +16,39 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from convgru_cli import transforms
 from convgru_cli.errors import UserError
 from convgru_cli.motion import advect, motion_field
 
 
-def persistence(inputs: torch.Tensor, frames: int) -> torch.Tensor:
+def persistence(inputs: torch.Tensor, frames: int, units: str = "") -> torch.Tensor:
     """[B, T, C, H, W] -> the last frame held for ``frames`` steps (no data as 0)."""
     return inputs[:, -1:].float().nan_to_num().expand(-1, frames, -1, -1, -1)
 
 
-def optical_flow(inputs: torch.Tensor, frames: int) -> torch.Tensor:
+def optical_flow(inputs: torch.Tensor, frames: int, units: str = "") -> torch.Tensor:
     """[B, T, C, H, W] -> [B, frames, C, H, W]: the last frame carried along the recent motion (motion.py)."""
     last = inputs[:, -1].float().nan_to_num()
     return advect(last, motion_field(inputs), frames)
 
 
-def pysteps_extrapolation(inputs: torch.Tensor, frames: int) -> torch.Tensor:
+def pysteps_extrapolation(inputs: torch.Tensor, frames: int, units: str = "") -> torch.Tensor:
     """[B, T, C, H, W] -> [B, frames, C, H, W]: pysteps' extrapolation nowcast, the field's reference: Lucas–Kanade
-    motion of the last three inputs (``motion.get_method("LK")``) and semi-Lagrangian extrapolation of the last
-    one (``nowcasts.get_method("extrapolation")``), per sequence and channel. What pysteps leaves as no data
+    motion of the last three inputs (``motion.get_method("LK")``; rain rates in dBR, pysteps' habit, through the
+    transform ``units`` resolve to) and semi-Lagrangian extrapolation of the last one
+    (``nowcasts.get_method("extrapolation")``), per sequence and channel. What pysteps leaves as no data
     (outside the domain, upwind) is given the last frame's smallest value: dry."""
     with contextlib.redirect_stdout(sys.stderr):  # pysteps announces its configuration file on stdout
         from pysteps import motion, nowcasts
     estimate, extrapolate = motion.get_method("LK"), nowcasts.get_method("extrapolation")
-    recent = inputs[:, -3:].double().cpu().numpy()
+    recent = inputs[:, -3:].double().cpu()
+    tracked = transforms.forward(transforms.resolve("auto", units), recent).numpy()
+    recent = recent.numpy()
     out = np.empty((recent.shape[0], frames, *recent.shape[2:]), dtype=np.float32)
     for b, sequence in enumerate(recent):
         for c in range(sequence.shape[1]):
             fields = sequence[:, c]
-            velocity = estimate(fields)
+            velocity = estimate(tracked[b, :, c])
             forecast = extrapolate(fields[-1], velocity, frames)
             dry = np.nanmin(fields[-1]) if np.isfinite(fields[-1]).any() else 0.0
             out[b, :, c] = np.nan_to_num(forecast, nan=dry)
@@ -53,7 +57,7 @@ def pysteps_extrapolation(inputs: torch.Tensor, frames: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Baseline:
-    forecast: Callable[[torch.Tensor, int], torch.Tensor]
+    forecast: Callable[[torch.Tensor, int, str], torch.Tensor]
     min_inputs: int  # input frames the method needs
 
 

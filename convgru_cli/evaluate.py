@@ -47,9 +47,10 @@ def _score(
     lead_times: int,
     make_scores,
     device: torch.device,
+    units: str,
 ) -> tuple[dict, dict]:
-    """Run every batch through the scores of every method (baselines forecast here), merged over torchrun
-    processes; ``make_scores()`` gives one empty ``Scores``."""
+    """Run every batch through the scores of every method (baselines forecast here, from data in ``units``),
+    merged over torchrun processes; ``make_scores()`` gives one empty ``Scores``."""
     scores = {method: make_scores() for method in methods}
     for inputs, truth, forecasts in batch_stream:
         truth = truth.float()
@@ -57,7 +58,7 @@ def _score(
         truth = torch.nan_to_num(truth)
         for method in methods:  # one baseline's forecast in memory at a time
             if method in baselines.METHODS:
-                forecast = baselines.get_method(method).forecast(inputs, lead_times)
+                forecast = baselines.get_method(method).forecast(inputs, lead_times, units)
             else:
                 forecast = forecasts.pop(method)
             scores[method].update(forecast, truth, valid)
@@ -158,6 +159,7 @@ def evaluate_file(
         spec.output_frames,
         lambda: Scores(spec.output_frames, data_range, labelled, zero_one, fss_scales),
         forecaster.device,
+        source.units,
     )
     distributed.finish()
     report = _report(", ".join(data_paths or ["<stdin>"]), source, len(chosen), spec.output_frames, per_lead, mean)
@@ -227,6 +229,7 @@ def evaluate_forecasts(
         lead_times,
         lambda: Scores(lead_times, data_range, labelled, zero_one, fss_scales),
         torch.device("cpu"),
+        truth.units,
     )
     report = _report(truth_path, truth, truth.sequences, lead_times, per_lead, mean)
     return {"forecast": forecast_path, "truth_start": truth_start, **report}

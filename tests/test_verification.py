@@ -275,3 +275,21 @@ def test_pysteps_extrapolation_follows_a_translating_field(capsys):
     pysteps_error = (forecast - truth).square().mean()
     assert pysteps_error < 0.5 * (baselines.persistence(inputs, 4) - truth).square().mean()
     assert capsys.readouterr().out == ""  # nothing on stdout, which --json keeps for its document
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pysteps") is None, reason="the optional extra convgru[pysteps] is absent")
+def test_pysteps_motion_of_rain_rates_is_estimated_in_dbr(monkeypatch):
+    """pysteps' habit: Lucas–Kanade on dBR (0.1 mm/h threshold, −15 dBR below), the raw rates extrapolated."""
+    from pysteps import motion
+
+    estimate, seen = motion.get_method("LK"), []
+
+    def recording(fields):
+        seen.append(fields.copy())
+        return estimate(fields)
+
+    monkeypatch.setattr(motion, "get_method", lambda name: recording)
+    rates = _translating(size=64)[:, :4]
+    baselines.get_method("pysteps").forecast(rates, 2, "mm/h")
+    raw = rates[0, 1:, 0].double().numpy()
+    np.testing.assert_allclose(seen[0], np.where(raw >= 0.1, 10 * np.log10(np.maximum(raw, 0.1)), -15.0))
