@@ -24,6 +24,7 @@ import numpy as np
 from convgru_cli.errors import UserError
 from convgru_cli.georef import Georeference, as_utc, iso, segments
 from convgru_cli.hdf5 import dataset_names, plain, text_attribute
+from convgru_cli.sources import apply_nan_policy, check_nan_policy
 from convgru_cli.transforms import NO_ECHO_DBZ
 
 log = logging.getLogger("convgru")
@@ -372,6 +373,7 @@ class Archive:
     def __init__(
         self, paths: list[str], dataset: str | None = None, importer: str | None = None, nan_policy: str = "mask"
     ):
+        check_nan_policy(nan_policy)
         self.importer = importer
         self.nan_policy = nan_policy  # no data (nodata, fill, outside valid range): masked, zero, or refused
         frames = [self._describe(path, dataset) for path in paths]
@@ -440,12 +442,11 @@ class Archive:
         if start < 0 or start + length > steps:
             raise IndexError(f"frames {start}..{start + length - 1} of a segment of {steps}")
         block = np.stack([self.read_frame(begin + start + k) for k in range(length)])[:, np.newaxis]
-        if self.nan_policy == "mask" or not np.isnan(block).any():
-            return block
-        if self.nan_policy == "error":
-            raise UserError(f"{self.label}: no-data pixels in segment {sequence}, frames from {start} (--nan-policy "
-                            "error); use --nan-policy mask or zero")  # fmt: skip
-        return np.nan_to_num(block, nan=0.0)
+        refusal = (
+            f"{self.label}: no-data pixels in segment {sequence}, frames from {start} (--nan-policy error); "
+            "use --nan-policy mask or zero"
+        )
+        return apply_nan_policy(block, self.nan_policy, refusal)
 
     def read_frame(self, index: int) -> np.ndarray:
         """Frame ``index`` of the whole archive (segments one after another), [H, W] float32."""

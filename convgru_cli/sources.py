@@ -32,6 +32,21 @@ NAN_POLICIES = ("mask", "zero", "error")
 CACHE_BYTES = 2 * 1024**3
 
 
+def check_nan_policy(policy: str) -> None:
+    if policy not in NAN_POLICIES:
+        raise UserError(f"--nan-policy {policy}: choose one of {', '.join(NAN_POLICIES)}")
+
+
+def apply_nan_policy(block: np.ndarray, policy: str, refusal: str, looked_at: np.ndarray | None = None) -> np.ndarray:
+    """NaN (no data) as --nan-policy says: kept, for the masks (mask), read as 0 (zero), or refused with the
+    message ``refusal`` (error); only the pixels ``looked_at`` (all by default) count."""
+    if policy == "mask" or not np.isnan(block if looked_at is None else looked_at).any():
+        return block
+    if policy == "error":
+        raise UserError(refusal)
+    return np.nan_to_num(block, nan=0.0)
+
+
 class FrameSource(Protocol):
     """Sequences of frames, each read as [length, C, H, W] blocks; what windows, normalisation, training and
     evaluation ask of the data."""
@@ -79,8 +94,7 @@ class StackedFrames:
         nan_policy: str = "mask",
         mask_dataset: str | None = None,
     ):
-        if nan_policy not in NAN_POLICIES:
-            raise UserError(f"--nan-policy {nan_policy}: choose one of {', '.join(NAN_POLICIES)}")
+        check_nan_policy(nan_policy)
         self.nan_policy = nan_policy
         source = file[dataset]
         self.label = f"{file_label(file)}:{dataset}"
@@ -171,11 +185,8 @@ class StackedFrames:
         looked_at = block if valid is None else block[valid]
         if np.isinf(looked_at).any():
             raise UserError(f"{where}: infinite values; fix the data or mark them as NaN (no data)")
-        if self.nan_policy != "mask" and np.isnan(looked_at).any():
-            if self.nan_policy == "error":
-                raise UserError(f"{where}: NaN values (--nan-policy error); use --nan-policy mask or zero")
-            block = np.nan_to_num(block, nan=0.0)
-        return block
+        refusal = f"{where}: NaN values (--nan-policy error); use --nan-policy mask or zero"
+        return apply_nan_policy(block, self.nan_policy, refusal, looked_at)
 
 
 class FrameSet:
@@ -251,8 +262,6 @@ def open_frames(
     names = expand_paths(paths)
     radar_files = archives.archive_files(names, importer)
     if radar_files is not None:
-        if nan_policy not in NAN_POLICIES:
-            raise UserError(f"--nan-policy {nan_policy}: choose one of {', '.join(NAN_POLICIES)}")
         return archives.Archive(radar_files, dataset, importer, nan_policy)
     picked, total = {}, 0
     for name in names:
