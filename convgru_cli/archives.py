@@ -24,7 +24,7 @@ import numpy as np
 from convgru_cli.errors import UserError
 from convgru_cli.georef import Georeference, as_utc, iso, segments
 from convgru_cli.hdf5 import dataset_names, plain, text_attribute
-from convgru_cli.sources import apply_nan_policy, check_nan_policy
+from convgru_cli.sources import Region, apply_nan_policy, check_nan_policy
 from convgru_cli.transforms import NO_ECHO_DBZ
 
 log = logging.getLogger("convgru")
@@ -81,11 +81,11 @@ class OdimReader:
         height, width = file[name].shape
         return Frame(path, time, name, quantity, units, height, width, self._grid(file, name, height, width))
 
-    def read(self, file: h5py.File, frame: Frame) -> np.ndarray:
+    def read(self, file: h5py.File, frame: Frame, region: Region | None = None) -> np.ndarray:
         """raw x gain + offset; ``nodata`` -> NaN, ``undetect`` -> the quantity's "nothing there" value. In
         place, in float64: a 2200x1900 composite costs one copy of itself, not five."""
         what = self._what(file, frame.field)
-        raw = file[frame.field][()]
+        raw = file[frame.field][region or ()]
         nodata = raw == what["nodata"] if "nodata" in what else None
         undetect = raw == what["undetect"] if "undetect" in what else None
         values = raw if raw.dtype == np.float64 else raw.astype(np.float64)
@@ -167,9 +167,9 @@ class CfReader:
         units = text_attribute(variable, "units")
         return Frame(path, self._time(file, path), name, name, units, height, width, self._grid(file, variable))
 
-    def read(self, file: h5py.File, frame: Frame) -> np.ndarray:
+    def read(self, file: h5py.File, frame: Frame, region: Region | None = None) -> np.ndarray:
         variable = file[frame.field]
-        raw = variable[()]
+        raw = variable[region or ()]
         attrs = variable.attrs
         invalid = np.zeros(raw.shape, dtype=bool)
         for key in ("_FillValue", "missing_value"):
@@ -295,8 +295,10 @@ class PystepsReader:
         units = str(metadata.get("unit", ""))
         return Frame(path, time_from_name(path), self.name, self.name, units, height, width, grid)
 
-    def read(self, path: str, frame: Frame) -> np.ndarray:
-        return self._import(path)[0]
+    def read(self, path: str, frame: Frame, region: Region | None = None) -> np.ndarray:
+        """pysteps' importers read whole files: the region is cut afterwards."""
+        values = self._import(path)[0]
+        return values if region is None else np.ascontiguousarray(values[region])
 
     def _import(self, path: str) -> tuple[np.ndarray, dict]:
         try:
@@ -437,26 +439,27 @@ class Archive:
         """(last time before, first time after) of every gap."""
         return [(self.frames[begin - 1].time, self.frames[begin].time) for begin, _ in self.segments[1:]]
 
-    def read(self, sequence: int, start: int, length: int) -> np.ndarray:
+    def read(self, sequence: int, start: int, length: int, region: Region | None = None) -> np.ndarray:
         begin, steps = self.segments[sequence]
         if start < 0 or start + length > steps:
             raise IndexError(f"frames {start}..{start + length - 1} of a segment of {steps}")
-        block = np.stack([self.read_frame(begin + start + k) for k in range(length)])[:, np.newaxis]
+        block = np.stack([self.read_frame(begin + start + k, region) for k in range(length)])[:, np.newaxis]
         refusal = (
             f"{self.label}: no-data pixels in segment {sequence}, frames from {start} (--nan-policy error); "
             "use --nan-policy mask or zero"
         )
         return apply_nan_policy(block, self.nan_policy, refusal)
 
-    def read_frame(self, index: int) -> np.ndarray:
-        """Frame ``index`` of the whole archive (segments one after another), [H, W] float32."""
+    def read_frame(self, index: int, region: Region | None = None) -> np.ndarray:
+        """Frame ``index`` of the whole archive (segments one after another), [H, W] float32; only ``region``'s
+        rows and columns where given (HDF5 then decodes only the chunks under it)."""
         frame = self.frames[index]
         reader = self._reader(frame.path)
         if isinstance(reader, PystepsReader):
-            return reader.read(frame.path, frame)
+            return reader.read(frame.path, frame, region)
         try:
             with h5py.File(frame.path, "r") as file:
-                values = reader.read(file, frame)
+                values = reader.read(file, frame, region)
         except OSError as error:
             raise UserError(f"{frame.path}: cannot read {frame.field} ({error})") from None
         if np.isinf(values).any():

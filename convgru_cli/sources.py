@@ -47,6 +47,9 @@ def apply_nan_policy(block: np.ndarray, policy: str, refusal: str, looked_at: np
     return np.nan_to_num(block, nan=0.0)
 
 
+Region = tuple[slice, slice]  # the rows and columns of a crop of a frame
+
+
 class FrameSource(Protocol):
     """Sequences of frames, each read as [length, C, H, W] blocks; what windows, normalisation, training and
     evaluation ask of the data."""
@@ -70,8 +73,9 @@ class FrameSource(Protocol):
         """Frames in ``sequence``."""
         ...
 
-    def read(self, sequence: int, start: int, length: int) -> np.ndarray:
-        """Frames [start, start+length) of one sequence as [length, C, H, W]."""
+    def read(self, sequence: int, start: int, length: int, region: Region | None = None) -> np.ndarray:
+        """Frames [start, start+length) of one sequence as [length, C, H, W]; only the rows and columns of
+        ``region`` where given (a crop read without decoding the rest of the frame where the format allows)."""
         ...
 
     def times_of(self, sequence: int) -> list[datetime] | None:
@@ -158,15 +162,14 @@ class StackedFrames:
     def is_series(self) -> bool:
         return "N" not in self.layout
 
-    def read(self, sequence: int, start: int, length: int) -> np.ndarray:
+    def read(self, sequence: int, start: int, length: int, region: Region | None = None) -> np.ndarray:
         """Frames [start, start+length) of one sequence as [length, C, H, W], in the stored dtype unless a mask
         applies (then float32 with NaN where there is no data)."""
         if self.is_series:
             start += self.segments[sequence][0]
-        index = tuple(
-            sequence if axis == "N" else slice(start, start + length) if axis == "T" else slice(None)
-            for axis in self.layout
-        )
+        rows, columns = region or (slice(None), slice(None))
+        along = {"N": sequence, "T": slice(start, start + length), "C": slice(None), "H": rows, "W": columns}
+        index = tuple(along[axis] for axis in self.layout)
         block = self._frames[index]
         valid = None if self._mask is None else self._mask[index].astype(bool)
         if np.issubdtype(block.dtype, np.floating):
@@ -217,9 +220,9 @@ class FrameSet:
         part, local = self.index[sequence]
         return self.parts[part].steps_of(local)
 
-    def read(self, sequence: int, start: int, length: int) -> np.ndarray:
+    def read(self, sequence: int, start: int, length: int, region: Region | None = None) -> np.ndarray:
         part, local = self.index[sequence]
-        return self.parts[part].read(local, start, length)
+        return self.parts[part].read(local, start, length, region)
 
     def times_of(self, sequence: int) -> list[datetime] | None:
         part, local = self.index[sequence]

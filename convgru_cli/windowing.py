@@ -155,19 +155,22 @@ class WindowDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         sequence, start = self.window_list[index]
-        window = torch.from_numpy(self.source.read(sequence, start, self.length))
-        return window if self.crop is None else self._cropped(window, index)
+        if self.crop is None:
+            return torch.from_numpy(self.source.read(sequence, start, self.length))
+        return self._cropped(sequence, start, index)
 
-    def _cropped(self, window: torch.Tensor, index: int) -> torch.Tensor:
+    def _cropped(self, sequence: int, start: int, index: int) -> torch.Tensor:
         """Up to CROP_TRIES random crops, the first that holds signal: at least half of its pixels with data and
-        values that vary (not all dry, not all no-data); failing that, the one that varies most."""
+        values that vary (not all dry, not all no-data); failing that, the one that varies most. Only the crop
+        is read, so memory and reading time follow the crop, not the domain."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         height, width = self.crop
-        best, best_spread = window, -1.0
+        best, best_spread = None, -1.0
         for _ in range(CROP_TRIES):
-            top = int(torch.randint(window.shape[-2] - height + 1, (1,), generator=generator))
-            left = int(torch.randint(window.shape[-1] - width + 1, (1,), generator=generator))
-            crop = window[..., top : top + height, left : left + width]
+            top = int(torch.randint(self.source.height - height + 1, (1,), generator=generator))
+            left = int(torch.randint(self.source.width - width + 1, (1,), generator=generator))
+            region = (slice(top, top + height), slice(left, left + width))
+            crop = torch.from_numpy(self.source.read(sequence, start, self.length, region))
             values = crop.float()
             valid = torch.isfinite(values)
             spread = float(values[valid].std()) if valid.sum() > 1 else 0.0

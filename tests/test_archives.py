@@ -136,6 +136,27 @@ def test_cf_values_use_scale_offset_fill_and_valid_range(tmp_path):
     assert list(source.georeference.x) == [0.0, 2000.0, 4000.0]
 
 
+@pytest.mark.parametrize("kind", ["odim", "cf", "imported"])
+def test_a_region_read_is_the_crop_of_the_whole_frame(tmp_path, kind):
+    minutes = [0, 5, 10]
+    if kind == "cf":
+        for k, minute in enumerate(minutes):
+            raw = np.round(blob(k, (20, 24)) * 10).astype(np.uint16)
+            raw[0, :3] = 65535
+            write_cf(tmp_path / f"c{k}.nc", START + timedelta(minutes=minute), raw, scale_factor=np.float32(0.1),
+                     _FillValue=np.uint16(65535))  # fmt: skip
+        source = open_frames([str(tmp_path / "*.nc")], None)
+    else:
+        source = open_frames([odim_archive(tmp_path / "odim", minutes, (20, 24))], None)
+        if kind == "imported":
+            assert runner.invoke(app, ["data", "import", str(tmp_path / "odim"), str(tmp_path / "s.h5")]).exit_code == 0
+            source = open_frames([str(tmp_path / "s.h5")], None)
+    region = (slice(0, 9), slice(1, 20))  # holding no-data pixels of every kind of file
+    cut = source.read(0, 0, 3, region)
+    np.testing.assert_array_equal(cut, source.read(0, 0, 3)[:, :, 0:9, 1:20])
+    assert cut.shape == (3, 1, 9, 19) and np.isnan(cut).any()
+
+
 def test_cf_time_units():
     file = h5py.File("t.h5", "w", driver="core", backing_store=False)
     variable = file.create_dataset("time", data=[1.5])

@@ -300,13 +300,18 @@ def test_grad_clip_zero_means_no_clipping(digits_file, tmp_path):
         _run(digits_file, tmp_path / "negative", grad_clip=-1.0)
 
 
-def test_crops_are_drawn_anew_each_epoch_reproducibly_and_where_the_signal_is():
+def test_crops_are_drawn_anew_each_epoch_reproducibly_where_the_signal_is_and_read_alone():
     frames = np.zeros((1, 4, 1, 64, 64), dtype=np.float32)
     frames[..., :32, :32] = np.random.default_rng(0).random((4, 1, 32, 32))  # signal in one quadrant only
+    asked: list[tuple[int, int]] = []
 
     class Source:  # WindowDataset reads through FrameSource.read alone
-        def read(self, sequence: int, start: int, length: int) -> np.ndarray:
-            return frames[sequence, start : start + length]
+        height, width = 64, 64
+
+        def read(self, sequence: int, start: int, length: int, region=None) -> np.ndarray:
+            rows, columns = region
+            asked.append((rows.stop - rows.start, columns.stop - columns.start))
+            return frames[sequence, start : start + length, :, rows, columns]
 
     source, windows = Source(), [(0, 0)] * 20
 
@@ -320,6 +325,7 @@ def test_crops_are_drawn_anew_each_epoch_reproducibly_and_where_the_signal_is():
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
     with_signal = sum(float(crop.std()) > 0 for crop in first)
     assert with_signal >= 16  # one random crop in 4 or so would touch the quadrant; four tries find it
+    assert set(asked) == {(16, 24)}  # never the whole frame: the domain's size does not enter memory
 
 
 def test_augmentation_turns_mirrors_and_rescales_rain_reproducibly():
