@@ -16,6 +16,8 @@ from convgru_cli import transforms
 from convgru_cli.errors import UserError
 from convgru_cli.sources import FrameSource
 
+BAND_PIXELS = 1 << 20  # statistics read frames in bands of about this many pixels (8 MB in float64)
+
 
 @dataclass
 class Normalisation:
@@ -72,28 +74,31 @@ def compute_normalisation(
     clip: tuple[float, float] | None = None,
     samples: int = 512,
 ) -> Normalisation:
-    """Statistics of up to ``samples`` training windows spread evenly over the training split: offset and scale
-    in the transformed space, range and mean frame (the climatology) in data units."""
-    step = max(1, len(train) // samples)
+    """Statistics of the frames of up to ``samples`` training windows spread evenly over the training split, each
+    frame read once, in bands of rows (memory: a few copies of a band, whatever the window or the domain):
+    offset and scale in the transformed space, range and mean frame (the climatology) in data units."""
+    sampled = train[:: max(1, len(train) // samples)]
+    frames = sorted({(sequence, start + k) for sequence, start in sampled for k in range(length)})
     total = np.zeros((source.channels, source.height, source.width))
     total_sq = np.zeros(source.channels)
     transformed_total = np.zeros(source.channels)
     count = np.zeros((source.channels, source.height, source.width))
     data_min, data_max = math.inf, -math.inf
-    for sequence, start in train[::step]:
-        block = source.read(sequence, start, length).astype(np.float64)
-        if clip:
-            block = np.clip(block, *clip)
-        valid = np.isfinite(block)
-        block = np.where(valid, block, 0.0)
-        total += block.sum(axis=0)
-        moved = np.where(valid, transforms.forward(transform, torch.from_numpy(block)).numpy(), 0.0)
-        transformed_total += moved.sum(axis=(0, 2, 3))
-        total_sq += (moved**2).sum(axis=(0, 2, 3))
-        count += valid.sum(axis=0)
-        if valid.any():
-            data_min = min(data_min, float(block[valid].min()))
-            data_max = max(data_max, float(block[valid].max()))
+    for sequence, index in frames:
+        for rows in row_bands(source):
+            band = source.read(sequence, index, 1, (rows, slice(None)))[0].astype(np.float64)
+            if clip:
+                band = np.clip(band, *clip)
+            valid = np.isfinite(band)
+            band = np.where(valid, band, 0.0)
+            total[:, rows] += band
+            moved = np.where(valid, transforms.forward(transform, torch.from_numpy(band)).numpy(), 0.0)
+            transformed_total += moved.sum(axis=(1, 2))
+            total_sq += (moved**2).sum(axis=(1, 2))
+            count[:, rows] += valid
+            if valid.any():
+                data_min = min(data_min, float(band[valid].min()))
+                data_max = max(data_max, float(band[valid].max()))
     if not count.any():
         raise UserError(f"{source.label}: the training split holds no valid value (all NaN)")
     per_channel = count.sum(axis=(1, 2))
@@ -109,7 +114,7 @@ def compute_normalisation(
         dtype=str(source.dtype),
         units=source.units,
         mean_frame=torch.from_numpy(mean_frame).float(),
-        nan_fraction=float(1 - count.sum() / (len(train[::step]) * length * count.size)),
+        nan_fraction=float(1 - count.sum() / (len(frames) * count.size)),
         transform=transform,
         clip=clip,
     )
@@ -131,9 +136,23 @@ def quiet_fraction(
     validation loss measured on such windows says nothing about a forecast."""
     rain = source.units.strip().lower() in transforms.RAIN_UNITS
     sampled = windows[:: max(1, len(windows) // samples)]
-    quiet = 0
-    for sequence, start in sampled:
-        block = source.read(sequence, start, length)[skip:].astype(np.float64)
-        values = block[np.isfinite(block)]
-        quiet += values.size == 0 or values.min() == values.max() or (rain and values.max() < transforms.RAIN_THRESHOLD)
+    quiet = sum(_is_quiet(source, sequence, range(start + skip, start + length), rain) for sequence, start in sampled)
     return quiet / len(sampled) if sampled else 0.0
+
+
+def _is_quiet(source: FrameSource, sequence: int, indices: range, rain: bool) -> bool:
+    """Whether frames ``indices`` of ``sequence`` hold no signal, read a band of rows at a time."""
+    low, high = math.inf, -math.inf
+    for index in indices:
+        for rows in row_bands(source):
+            values = source.read(sequence, index, 1, (rows, slice(None)))
+            values = values[np.isfinite(values)]
+            if values.size:
+                low, high = min(low, float(values.min())), max(high, float(values.max()))
+    return high < low or low == high or (rain and high < transforms.RAIN_THRESHOLD)
+
+
+def row_bands(source: FrameSource) -> list[slice]:
+    """Consecutive bands of rows of about BAND_PIXELS pixels (all channels), covering the frame."""
+    rows = max(1, BAND_PIXELS // (source.width * source.channels))
+    return [slice(top, min(top + rows, source.height)) for top in range(0, source.height, rows)]

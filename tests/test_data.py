@@ -90,6 +90,22 @@ def test_normalisation_from_training_windows(tmp_path):
     torch.testing.assert_close(norm.denormalise(normalised), batch)
 
 
+def test_statistics_read_in_bands_of_rows_equal_those_of_whole_frames(tmp_path, monkeypatch):
+    array = np.random.default_rng(1).gamma(0.5, 4.0, size=(3, 6, 2, 10, 8)).astype(np.float32)
+    array[0, 1, 0, 3:5, 2:6] = np.nan
+    with hdf5.open_hdf5(write_h5(tmp_path / "b.h5", array, layout="NTCHW")) as file:
+        frames = sources.StackedFrames(file, "frames")
+    every = windowing.windows(frames, 4, 1)
+    whole = normalisation.compute_normalisation(frames, every, 4, transform="db")
+    monkeypatch.setattr(normalisation, "BAND_PIXELS", 3 * 8 * 2)  # bands of 3 rows: 4 bands, the last of 1
+    assert [band.stop - band.start for band in normalisation.row_bands(frames)] == [3, 3, 3, 1]
+    banded = normalisation.compute_normalisation(frames, every, 4, transform="db")
+    assert banded.offset == pytest.approx(whole.offset) and banded.scale == pytest.approx(whole.scale)
+    for name in ("data_min", "data_max", "nan_fraction"):
+        assert getattr(banded, name) == getattr(whole, name)
+    torch.testing.assert_close(banded.mean_frame, whole.mean_frame)
+
+
 def test_nan_is_masked_not_propagated(tmp_path):
     array = np.ones((4, 6, 8, 8), dtype=np.float32)
     array[0, 0, 0, 0] = np.nan
