@@ -147,6 +147,10 @@ def train(
         return
     if as_json:
         typer.echo(to_json(summary))
+    elif summary["best_val_loss"] is None:
+        log.info(
+            "epoch %d, not validated (no validation windows): %s", summary["best_epoch"], summary["best_checkpoint"]
+        )
     else:
         log.info(
             "best epoch %d, validation loss %.4f: %s",

@@ -404,7 +404,7 @@ def fit(run: Run, data_path: str | list[str], show_progress: bool = True, option
     return {
         "run_dir": run.run_dir,
         "best_epoch": progress.best_epoch,
-        "best_val_loss": progress.best_val,
+        "best_val_loss": progress.best_val if math.isfinite(progress.best_val) else None,  # None: no validation
         "last_checkpoint": os.path.join(run.run_dir, "last.pt"),
         "best_checkpoint": os.path.join(run.run_dir, "best.pt"),
         "epochs": progress.epoch,

@@ -318,7 +318,8 @@ def test_no_validation_split_keeps_the_last_epoch_as_best(tmp_path):
         app, ["train", data, *TRAIN, "--epochs", "2", "--val-fraction", "0", "--out", str(tmp_path / "r"), "--json"]
     )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["best_epoch"] == 2
+    summary = json.loads(result.stdout)
+    assert summary["best_epoch"] == 2 and summary["best_val_loss"] is None
     records = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert [r["val_loss"] for r in records] == [None, None]
     val = runner.invoke(app, ["evaluate", data, "--checkpoint", str(tmp_path / "r" / "best.pt"), "--split", "val"])
