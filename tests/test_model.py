@@ -277,11 +277,31 @@ def test_anchor_adds_corrections_that_travel_with_the_rain():
     outputs = torch.zeros(1, 3, 3, 32, 32)
     outputs[0, 0, 2, 10, 10] = 1.0  # a new cell at lead 1 ...
     outputs[0, 1:, 1] = 1.0  # ... and from lead 2 on, one pixel more to the right per step
-    forecast = anchor(last, motion, outputs)
+    forecast = anchor(last, motion, outputs, bounds=(torch.tensor([[-5.0]]), torch.tensor([[5.0]])))
     assert forecast[0, 0, 0, 10, 10] == 1.0
     assert forecast[0, 1, 0, 10, 13] == pytest.approx(1.0)  # carried along 2 + 1 pixels
     assert forecast[0, 2, 0, 10, 16] == pytest.approx(1.0)
     assert forecast.sum(dim=(2, 3, 4))[0].tolist() == pytest.approx([1.0, 1.0, 1.0])  # nothing lost or made
+
+
+def test_anchored_forecasts_stay_within_the_range_of_the_input_frames():
+    """However large the correction, no lead leaves the range of values of the input frames, per sequence."""
+    last = torch.zeros(2, 1, 16, 16)
+    outputs = torch.zeros(2, 4, 3, 16, 16)
+    outputs[:, :, 2, 5:9, 5:9] = 3.0  # a cell growing by 3 per lead
+    outputs[:, :, 2, 12:, 12:] = -3.0  # and a region drying by 3 per lead
+    bounds = torch.tensor([[-1.0], [-4.0]]), torch.tensor([[4.0], [7.0]])
+    forecast = anchor(last, torch.zeros(2, 2, 16, 16), outputs, bounds)
+    assert forecast[:, :, 0, 6, 6].tolist() == [[3.0, 4.0, 4.0, 4.0], [3.0, 6.0, 7.0, 7.0]]
+    assert forecast[:, :, 0, 14, 14].tolist() == [[-1.0] * 4, [-3.0, -4.0, -4.0, -4.0]]
+    model = EncoderForecaster(make_config("fast", 1)).eval()
+    inputs = _moving_blob(5, (0.0, 1.0))
+    for correction, extreme in ((1.0, inputs.max()), (-1.0, inputs.min())):
+        torch.nn.init.constant_(model.head.bias, correction)  # at every pixel and step (and a change of motion)
+        with torch.no_grad():
+            forecast = model(inputs, 4)
+        assert float(forecast.max() if correction > 0 else forecast.min()) == pytest.approx(float(extreme))
+        assert inputs.min() <= forecast.min() and forecast.max() <= inputs.max()
 
 
 def test_checkpoints_from_before_the_anchored_forecaster_rebuild_shis():
