@@ -90,7 +90,10 @@ TransformOpt = Annotated[
 ]
 LossOpt = Annotated[str, typer.Option(help=f"{one_of(LOSSES)} (balanced: Shi 2017, for rain).")]
 EpochsOpt = Annotated[
-    int | None, typer.Option(help=f"Passes over the training windows [default: {TrainConfig.epochs}].")
+    int | None,
+    typer.Option(
+        help=f"Passes over the training windows [default: {TrainConfig.epochs}; with --max-time, until it is up]."
+    ),
 ]
 CacheOpt = Annotated[str, typer.Option(help="Hold the data in memory: auto (if it fits in 2 GiB), on, off.")]
 
@@ -157,6 +160,13 @@ def fields_of(cls, options: dict) -> dict:
     return {f.name: options[f.name] for f in dataclasses.fields(cls) if f.name in options}
 
 
+def epochs_of(options: dict) -> int | None:
+    """--epochs as given; without it, None (until the time is up) where --max-time is given, else the default."""
+    if options["epochs"] is not None:
+        return options["epochs"]
+    return None if options["max_time"] else TrainConfig.epochs
+
+
 def train_configs(options: dict) -> tuple[DataSpec, TrainConfig]:
     """The data spec and train configuration that train's (merged) options describe."""
     clip = floats(options["clip"], "--clip") if options["clip"] else None
@@ -164,7 +174,7 @@ def train_configs(options: dict) -> tuple[DataSpec, TrainConfig]:
     config = TrainConfig(
         **{
             **fields_of(TrainConfig, options),
-            "epochs": TrainConfig.epochs if options["epochs"] is None else options["epochs"],
+            "epochs": epochs_of(options),
             "balance_thresholds": floats(options["balance_thresholds"], "--balance-thresholds"),
             "balance_weights": floats(options["balance_weights"], "--balance-weights"),
             "cache": cache_choice(options["cache"]),

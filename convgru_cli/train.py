@@ -40,7 +40,7 @@ QUIET_VALIDATION = 0.5  # warn when this share of the validation windows holds n
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int | None = 10  # None: until --max-time is up (what --max-time without --epochs means)
     batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -69,7 +69,9 @@ class TrainConfig:
     val_data: tuple[str, ...] = ()
 
     def check(self) -> None:
-        if self.epochs < 1:
+        if self.epochs is None and not self.max_time:
+            raise UserError("--epochs or --max-time: a run needs an end")
+        if self.epochs is not None and self.epochs < 1:
             raise UserError("--epochs must be at least 1")
         check_batch_size(self.batch_size)
         for option, value in (
@@ -276,8 +278,10 @@ class Run:
         return self.config.workers if self.config.workers is not None else (0 if self.source.in_memory else 2)
 
     @functools.cached_property
-    def total_steps(self) -> int:
-        """Optimizer steps in the whole run (computed once: it draws an epoch's batches)."""
+    def total_steps(self) -> int | None:
+        """Optimizer steps in the whole run (computed once: it draws an epoch's batches); None: until --max-time."""
+        if self.config.epochs is None:
+            return None
         steps_per_epoch = len(epoch_batches(len(self.train_windows), self.config.batch_size, 0, 0, 0, self.world))
         return steps_per_epoch * self.config.epochs
 
@@ -387,7 +391,7 @@ def fit(run: Run, data_path: str | list[str], show_progress: bool = True, option
     with signals.deferred():
         started = time.perf_counter() - run.progress.elapsed
         try:
-            while run.progress.epoch < run.config.epochs:
+            while run.config.epochs is None or run.progress.epoch < run.config.epochs:
                 epoch = train_epoch(run, started, show_progress)
                 if end_epoch(run, epoch):
                     break
@@ -424,7 +428,7 @@ def train_epoch(run: Run, started: float, show_progress: bool) -> Epoch:
     bar = tqdm(
         total=len(batch_lists),
         initial=progress.batch,
-        desc=f"epoch {progress.epoch + 1}/{config.epochs}",
+        desc=f"epoch {_of_epochs(progress.epoch + 1, config.epochs)}",
         disable=not show_progress or run.rank != 0 or not sys.stderr.isatty(),
         file=sys.stderr,
         leave=False,
@@ -454,7 +458,7 @@ def train_step(run: Run, batch: torch.Tensor, started: float) -> tuple[float, bo
     weight = valid.float()
     if config.loss == "balanced":
         weight = weight * balance_weights(raw[:, spec.input_frames :], config)
-    fraction, out_of_time = progress.step / run.total_steps, False
+    fraction, out_of_time = (progress.step / run.total_steps if run.total_steps else 0.0), False
     if config.max_time:
         # One clock for all processes: the same learning rate everywhere, and all stop together.
         elapsed = distributed.max_over_processes(time.perf_counter() - started, run.device)
@@ -532,7 +536,8 @@ def end_epoch(run: Run, epoch: Epoch) -> bool:
 
 @torch.no_grad()
 def validate(run: Run) -> float | None:
-    """Mean per-pixel MSE (normalised units) on the validation windows, summed over all ranks; None without any."""
+    """Mean per-pixel MSE (normalised units) on the validation windows, plus the distribution term where the run
+    trains with one (--distribution-weight), summed over all ranks; None without any."""
     if not any(val_windows for _, val_windows in run.validation):
         return None
     spec, batch_size = run.spec, run.config.batch_size
@@ -549,8 +554,13 @@ def validate(run: Run) -> float | None:
             inputs, target, valid = _split(batch, run.normalisation, spec)
             with autocast(run.device, run.precision):
                 prediction = run.net(inputs, spec.output_frames)
-            error, weight = prediction[:count].float() - target[:count], valid[:count].float()
-            total += torch.stack([(error**2 * weight).sum(), weight.sum()]).cpu()
+            prediction, target, valid = prediction[:count].float(), target[:count], valid[:count]
+            weight = valid.float()
+            loss_sum = ((prediction - target) ** 2 * weight).sum()
+            if run.config.distribution_weight:  # the training objective's term, so best.pt does not favour fading
+                distribution = distribution_loss(prediction, target, valid) * weight.sum()
+                loss_sum = loss_sum + run.config.distribution_weight * distribution
+            total += torch.stack([loss_sum, weight.sum()]).cpu()
     total = distributed.sum_over_processes(total, run.device)
     return (total[0] / total[1].clamp(min=1)).item()
 
@@ -725,14 +735,17 @@ def _warn_if_quiet(run: Run) -> None:
         )
 
 
-def _log_epoch(record: dict, epochs: int, batch: int, batches_in_epoch: int, improved: bool) -> None:
+def _of_epochs(epoch: int, epochs: int | None) -> str:
+    return f"{epoch}/{epochs}" if epochs else str(epoch)
+
+
+def _log_epoch(record: dict, epochs: int | None, batch: int, batches_in_epoch: int, improved: bool) -> None:
     def shown(value: float | None, digits: str) -> str:
         return "-" if value is None else format(value, digits)
 
     log.info(
-        "epoch %d/%d%s  train loss %s  val loss %s  %s seq/s%s",
-        record["epoch"],
-        epochs,
+        "epoch %s%s  train loss %s  val loss %s  %s seq/s%s",
+        _of_epochs(record["epoch"], epochs),
         f" (cut short: {batch} of {batches_in_epoch} batches)" if batch else "",
         shown(record["train_loss"], ".4f"),
         shown(record["val_loss"], ".4f"),

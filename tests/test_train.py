@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from convgru_cli import checkpoint, train
+from convgru_cli import checkpoint, options, train
 from convgru_cli.errors import UserError
-from convgru_cli.model import make_config
-from convgru_cli.windowing import DataSpec, WindowDataset
+from convgru_cli.model import EncoderForecaster, make_config
+from convgru_cli.sources import open_frames
+from convgru_cli.windowing import DataSpec, WindowDataset, split_windows
 
 SPEC = DataSpec(dataset=None, layout=None, input_frames=3, output_frames=3, stride=2, val_fraction=0.25)
 
@@ -247,6 +249,37 @@ def test_a_run_cut_short_by_max_time_resumes_mid_epoch(digits_file, tmp_path, ca
     assert [(r["epoch"], r["complete"]) for r in records] == [(1, False), (1, True)]
     with pytest.raises(UserError, match="--max-time"):
         _run(digits_file, tmp_path / "other", max_time=-1)
+
+
+def test_validation_loss_is_the_training_objective_with_its_distribution_term(digits_file, tmp_path):
+    summary = _run(digits_file, tmp_path / "run", epochs=1, distribution_weight=0.5)
+    saved = checkpoint.load(summary["last_checkpoint"])
+    model_config, spec, normalisation = checkpoint.configs(saved)
+    model = EncoderForecaster(model_config)
+    model.load_state_dict(saved["model"])
+    source = open_frames([digits_file], None)
+    _, val = split_windows(source, SPEC)
+    batch = torch.from_numpy(np.stack([source.read(n, s, SPEC.window) for n, s in val]))
+    inputs, target, valid = train._split(batch, normalisation, SPEC)
+    with torch.no_grad():
+        prediction = model.eval()(inputs, SPEC.output_frames)
+    weight = valid.float()
+    mse = float(((prediction - target) ** 2 * weight).sum() / weight.sum())
+    expected = mse + 0.5 * float(train.distribution_loss(prediction, target, valid))
+    assert summary["best_val_loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_max_time_without_epochs_trains_until_the_time_is_up(digits_file, tmp_path, caplog):
+    assert options.epochs_of({"epochs": None, "max_time": 600.0}) is None
+    assert options.epochs_of({"epochs": None, "max_time": None}) == train.TrainConfig.epochs
+    assert options.epochs_of({"epochs": 3, "max_time": 600.0}) == 3
+    with caplog.at_level("INFO", logger="convgru"):
+        summary = _run(digits_file, tmp_path / "run", epochs=None, max_time=2.0)
+    assert "stopping: --max-time 2s reached" in caplog.text
+    assert re.search(r"epoch 1( \(cut short|  train loss)", caplog.text) and "epoch 1/" not in caplog.text
+    assert summary["steps"] > 0
+    with pytest.raises(UserError, match="--epochs or --max-time"):
+        _config(epochs=None, max_time=None).check()
 
 
 def test_no_fast_bf16_falls_back_to_fp32_with_one_info_line(monkeypatch, caplog):
