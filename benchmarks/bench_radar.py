@@ -146,17 +146,20 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         test_file = stack_odim(args.test, os.path.join(scratch, "test.h5"))
-        checkpoint = args.checkpoint
-        if checkpoint is None:
+        checkpoints = [args.checkpoint]
+        if args.checkpoint is None:
+            # --max-time without --epochs: the run trains until its budget is spent
             run = os.path.join(scratch, "run")
             command = [sys.executable, "-m", "convgru_cli", "train", args.train, "--input-frames", str(args.inputs)]
             command += ["--output-frames", str(args.leads), "--max-time", str(args.max_time), "--val-fraction", "0.2"]
             command += ["--out", run, "--quiet", *args.train_option]
             subprocess.run(command, check=True)
-            checkpoint = os.path.join(run, "best.pt")
-        tallies = score(checkpoint, test_file, args.inputs, args.leads)
-    print(f"train {args.train} -> test {args.test}, {args.inputs} -> {args.leads} frames")
-    print(table(tallies))
+            # best.pt (lowest validation loss, what predict takes by default) and last.pt (the end of the schedule)
+            checkpoints = [os.path.join(run, "best.pt"), os.path.join(run, "last.pt")]
+        for checkpoint in checkpoints:
+            tallies = score(checkpoint, test_file, args.inputs, args.leads)
+            print(f"train {args.train} -> test {args.test}, {args.inputs} -> {args.leads} frames, {checkpoint}")
+            print(table(tallies))
 
 
 if __name__ == "__main__":
