@@ -7,6 +7,7 @@ Values are sampled, never read whole: a radar archive's one long series can be f
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -85,8 +86,8 @@ def compute_normalisation(
     count = np.zeros((source.channels, source.height, source.width))
     data_min, data_max = math.inf, -math.inf
     for sequence, index in frames:
-        for rows in row_bands(source):
-            band = source.read(sequence, index, 1, (rows, slice(None)))[0].astype(np.float64)
+        for rows, band in frame_bands(source, sequence, index):
+            band = band.astype(np.float64)
             if clip:
                 band = np.clip(band, *clip)
             valid = np.isfinite(band)
@@ -144,12 +145,18 @@ def _is_quiet(source: FrameSource, sequence: int, indices: range, rain: bool) ->
     """Whether frames ``indices`` of ``sequence`` hold no signal, read a band of rows at a time."""
     low, high = math.inf, -math.inf
     for index in indices:
-        for rows in row_bands(source):
-            values = source.read(sequence, index, 1, (rows, slice(None)))
+        for _, values in frame_bands(source, sequence, index):
             values = values[np.isfinite(values)]
             if values.size:
                 low, high = min(low, float(values.min())), max(high, float(values.max()))
     return high < low or low == high or (rain and high < transforms.RAIN_THRESHOLD)
+
+
+def frame_bands(source: FrameSource, sequence: int, index: int) -> Iterator[tuple[slice, np.ndarray]]:
+    """Frame ``index`` of ``sequence`` band by band: (rows, [C, rows, W] values); the statistics hold one band
+    at a time, never a whole frame or window."""
+    for rows in row_bands(source):
+        yield rows, source.read(sequence, index, 1, (rows, slice(None)))[0]
 
 
 def row_bands(source: FrameSource) -> list[slice]:
