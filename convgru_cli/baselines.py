@@ -37,7 +37,9 @@ def pysteps_extrapolation(inputs: torch.Tensor, frames: int, units: str = "") ->
     motion of the last three inputs (``motion.get_method("LK")``; rain rates in dBR, pysteps' habit, through the
     transform ``units`` resolve to) and semi-Lagrangian extrapolation of the last one
     (``nowcasts.get_method("extrapolation")``), per sequence and channel. What pysteps leaves as no data
-    (outside the domain, upwind) is given the last frame's smallest value: dry."""
+    (outside the domain, upwind) is given the last frame's smallest value: dry. The extrapolation runs one lead
+    time per call, continuing from the previous call's displacement (the same steps as one call for all lead
+    times), in float32, so that it holds one frame of forecast at a time, not all of them twice in float64."""
     with contextlib.redirect_stdout(sys.stderr):  # pysteps announces its configuration file on stdout
         from pysteps import motion, nowcasts
     estimate, extrapolate = motion.get_method("LK"), nowcasts.get_method("extrapolation")
@@ -47,11 +49,14 @@ def pysteps_extrapolation(inputs: torch.Tensor, frames: int, units: str = "") ->
     out = np.empty((recent.shape[0], frames, *recent.shape[2:]), dtype=np.float32)
     for b, sequence in enumerate(recent):
         for c in range(sequence.shape[1]):
-            fields = sequence[:, c]
+            last = sequence[-1, c].astype(np.float32)
             velocity = estimate(tracked[b, :, c])
-            forecast = extrapolate(fields[-1], velocity, frames)
-            dry = np.nanmin(fields[-1]) if np.isfinite(fields[-1]).any() else 0.0
-            out[b, :, c] = np.nan_to_num(forecast, nan=dry)
+            dry = np.nanmin(last) if np.isfinite(last).any() else 0.0
+            displacement = None
+            for lead in range(frames):
+                steps = {"displacement_prev": displacement, "return_displacement": True}
+                forecast, displacement = extrapolate(last, velocity, 1, extrap_kwargs=steps)
+                out[b, lead, c] = np.nan_to_num(forecast[0], nan=dry, copy=False)
     return torch.from_numpy(out).to(inputs.device)
 
 

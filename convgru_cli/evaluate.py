@@ -55,7 +55,7 @@ def _score(
     for inputs, truth, forecasts in batch_stream:
         truth = truth.float()
         valid = torch.isfinite(truth)
-        truth = torch.nan_to_num(truth)
+        truth = truth.nan_to_num_()  # in place: the stream's batch is not read again
         for method in methods:  # one baseline's forecast in memory at a time
             if method in baselines.METHODS:
                 forecast = baselines.get_method(method).forecast(inputs, lead_times, units)
@@ -215,7 +215,7 @@ def evaluate_forecasts(
             inputs = stack(truth.read(n, truth_start - history, history) for n in sequences)
             observed = stack(truth.read(n, truth_start, lead_times) for n in sequences)
             predicted = stack(forecast.read(n, 0, lead_times) for n in sequences)
-            yield inputs, observed, {"forecast": torch.nan_to_num(predicted.float())}
+            yield inputs, observed, {"forecast": predicted.float().nan_to_num_()}
 
     if truth.dtype == np.uint8:
         data_range, zero_one = 255.0, 255.0

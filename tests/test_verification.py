@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from convgru_cli import baselines, evaluate, pictures
+from convgru_cli import baselines, evaluate, pictures, transforms
 from convgru_cli.cli import app
 from convgru_cli.motion import motion_field
 from tests.conftest import write_h5
@@ -293,3 +293,17 @@ def test_pysteps_motion_of_rain_rates_is_estimated_in_dbr(monkeypatch):
     baselines.get_method("pysteps").forecast(rates, 2, "mm/h")
     raw = rates[0, 1:, 0].double().numpy()
     np.testing.assert_allclose(seen[0], np.where(raw >= 0.1, 10 * np.log10(np.maximum(raw, 0.1)), -15.0))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pysteps") is None, reason="the optional extra convgru[pysteps] is absent")
+def test_pysteps_baseline_lead_by_lead_equals_one_pysteps_call(capsys):
+    """One lead time per call, continued from the last displacement, is pysteps' own nowcast of all lead times."""
+    from pysteps import motion, nowcasts
+
+    rates = _translating(size=64)[:, :4] * 3
+    forecast = baselines.get_method("pysteps").forecast(rates, 5, "mm/h")
+    recent = rates[0, -3:, 0].double()
+    velocity = motion.get_method("LK")(transforms.forward(transforms.resolve("auto", "mm/h"), recent).numpy())
+    last = recent[-1].numpy()
+    reference = np.nan_to_num(nowcasts.get_method("extrapolation")(last, velocity, 5), nan=last.min())
+    np.testing.assert_allclose(forecast[0, :, 0].numpy(), reference, atol=1e-4)
