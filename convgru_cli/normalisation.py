@@ -122,11 +122,16 @@ def compute_normalisation(
 
 
 def value_range(source: FrameSource, samples: int = 512) -> tuple[float, float]:
-    """Smallest and largest value in up to ``samples`` frames spread over all sequences."""
+    """Smallest and largest value in up to ``samples`` frames spread over all sequences, read a band of rows at a
+    time (frame_bands)."""
     picks = np.linspace(0, source.sequences * source.steps - 1, min(samples, source.sequences * source.steps))
-    values = np.concatenate([source.read(i // source.steps, i % source.steps, 1).ravel() for i in picks.astype(int)])
-    values = values[np.isfinite(values)]
-    return (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    low, high = math.inf, -math.inf
+    for i in picks.astype(int):
+        for _, values in frame_bands(source, i // source.steps, i % source.steps):
+            values = values[np.isfinite(values)]
+            if values.size:
+                low, high = min(low, float(values.min())), max(high, float(values.max()))
+    return (low, high) if low <= high else (0.0, 1.0)
 
 
 def quiet_fraction(

@@ -104,6 +104,7 @@ def test_statistics_read_in_bands_of_rows_equal_those_of_whole_frames(tmp_path, 
     for name in ("data_min", "data_max", "nan_fraction"):
         assert getattr(banded, name) == getattr(whole, name)
     torch.testing.assert_close(banded.mean_frame, whole.mean_frame)
+    assert normalisation.value_range(frames) == (float(np.nanmin(array)), float(np.nanmax(array)))
 
 
 def test_nan_is_masked_not_propagated(tmp_path):
