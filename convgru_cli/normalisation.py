@@ -7,7 +7,7 @@ Values are sampled, never read whole: a radar archive's one long series can be f
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -125,12 +125,7 @@ def value_range(source: FrameSource, samples: int = 512) -> tuple[float, float]:
     """Smallest and largest value in up to ``samples`` frames spread over all sequences, read a band of rows at a
     time (frame_bands)."""
     picks = np.linspace(0, source.sequences * source.steps - 1, min(samples, source.sequences * source.steps))
-    low, high = math.inf, -math.inf
-    for i in picks.astype(int):
-        for _, values in frame_bands(source, i // source.steps, i % source.steps):
-            values = values[np.isfinite(values)]
-            if values.size:
-                low, high = min(low, float(values.min())), max(high, float(values.max()))
+    low, high = _finite_range(source, ((i // source.steps, i % source.steps) for i in picks.astype(int)))
     return (low, high) if low <= high else (0.0, 1.0)
 
 
@@ -147,14 +142,21 @@ def quiet_fraction(
 
 
 def _is_quiet(source: FrameSource, sequence: int, indices: range, rain: bool) -> bool:
-    """Whether frames ``indices`` of ``sequence`` hold no signal, read a band of rows at a time."""
+    """Whether frames ``indices`` of ``sequence`` hold no signal."""
+    low, high = _finite_range(source, ((sequence, index) for index in indices))
+    return high < low or low == high or (rain and high < transforms.RAIN_THRESHOLD)
+
+
+def _finite_range(source: FrameSource, frames: Iterable[tuple[int, int]]) -> tuple[float, float]:
+    """Smallest and largest finite value of the (sequence, index) ``frames``, read a band of rows at a time;
+    (inf, -inf) where there is none."""
     low, high = math.inf, -math.inf
-    for index in indices:
+    for sequence, index in frames:
         for _, values in frame_bands(source, sequence, index):
             values = values[np.isfinite(values)]
             if values.size:
                 low, high = min(low, float(values.min())), max(high, float(values.max()))
-    return high < low or low == high or (rain and high < transforms.RAIN_THRESHOLD)
+    return low, high
 
 
 def frame_bands(source: FrameSource, sequence: int, index: int) -> Iterator[tuple[slice, np.ndarray]]:
