@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ def optical_flow(inputs: torch.Tensor, frames: int, units: str = "") -> torch.Te
     return advect(last, motion_field(inputs), frames)
 
 
+PYSTEPS_CHUNK_PIXELS = 2**18  # grid points whose motion vectors pysteps interpolates at once
+
+
 def pysteps_extrapolation(inputs: torch.Tensor, frames: int, units: str = "") -> torch.Tensor:
     """[B, T, C, H, W] -> [B, frames, C, H, W]: pysteps' extrapolation nowcast, the field's reference: Lucas–Kanade
     motion of the last three inputs (``motion.get_method("LK")``; rain rates in dBR, pysteps' habit, through the
@@ -39,7 +43,10 @@ def pysteps_extrapolation(inputs: torch.Tensor, frames: int, units: str = "") ->
     (``nowcasts.get_method("extrapolation")``), per sequence and channel. What pysteps leaves as no data
     (outside the domain, upwind) is given the last frame's smallest value: dry. The extrapolation runs one lead
     time per call, continuing from the previous call's displacement (the same steps as one call for all lead
-    times), in float32, so that it holds one frame of forecast at a time, not all of them twice in float64."""
+    times), in float32, so that it holds one frame of forecast at a time, not all of them twice in float64; and
+    the sparse vectors are interpolated onto the grid in chunks of ``PYSTEPS_CHUNK_PIXELS`` (the same values:
+    each grid point is interpolated from its own nearest vectors), where pysteps' default of four chunks holds
+    20 neighbours' distances and indices for a quarter of the frame at once (5 GB at 4400×3800)."""
     with contextlib.redirect_stdout(sys.stderr):  # pysteps announces its configuration file on stdout
         from pysteps import motion, nowcasts
     estimate, extrapolate = motion.get_method("LK"), nowcasts.get_method("extrapolation")
@@ -47,10 +54,11 @@ def pysteps_extrapolation(inputs: torch.Tensor, frames: int, units: str = "") ->
     tracked = transforms.forward(transforms.resolve("auto", units), recent).numpy()
     recent = recent.numpy()
     out = np.empty((recent.shape[0], frames, *recent.shape[2:]), dtype=np.float32)
+    side = max(2, math.ceil(math.sqrt(out[0, 0, 0].size / PYSTEPS_CHUNK_PIXELS)))  # chunks along each axis
     for b, sequence in enumerate(recent):
         for c in range(sequence.shape[1]):
             last = sequence[-1, c].astype(np.float32)
-            velocity = estimate(tracked[b, :, c])
+            velocity = estimate(tracked[b, :, c], interp_kwargs={"nchunks": side**2})
             dry = np.nanmin(last) if np.isfinite(last).any() else 0.0
             displacement = None
             for lead in range(frames):

@@ -59,7 +59,7 @@ def _score(
         for method in methods:  # one baseline's forecast in memory at a time
             if method in baselines.METHODS:
                 forecast = baselines.get_method(method).forecast(inputs, lead_times, units)
-            else:
+            else:  # held by the stream's dict alone: popped, it is freed once scored
                 forecast = forecasts.pop(method)
             scores[method].update(forecast, truth, valid)
             del forecast
@@ -144,10 +144,9 @@ def evaluate_file(
         for batch_windows in batches(chosen[rank::world], held):  # under torchrun each process scores a share
             batch = stack(source.read(n, s, spec.window) for n, s in batch_windows).to(forecaster.device)
             inputs, truth = batch[:, : spec.input_frames], batch[:, spec.input_frames :]
-            model = forecaster.predict(inputs, spec.output_frames)
-            forecasts = {"model": model}
+            forecasts = {"model": forecaster.predict(inputs, spec.output_frames)}
             if "climatology" in methods:
-                forecasts["climatology"] = climatology.expand_as(model)
+                forecasts["climatology"] = climatology.expand_as(forecasts["model"])
             yield inputs, truth, forecasts
 
     zero_one = zero_one_scale(norm.dtype, norm.data_min, norm.data_max)
@@ -180,15 +179,16 @@ def evaluate_forecasts(
 ) -> dict:
     """Score a forecast file (dataset ``forecast`` [N, T, (C,) H, W], from any model) against the frames of a
     truth file from ``truth_start`` on: by default the frame after the forecast's recorded input window. The
-    truth frames before ``truth_start`` drive the persistence and optical-flow baselines."""
+    truth frames before ``truth_start`` drive the persistence and optical-flow baselines. Every frame is read
+    once, so neither file is cached in memory."""
     check_scoring(thresholds, fss_scales, zr)
     with open_hdf5(forecast_path) as file:
         if "forecast" not in file:
             raise UserError(f"{forecast_path}: no dataset 'forecast' (a convgru predict output, or the same layout)")
-        forecast = StackedFrames(file, "forecast", text_attribute(file["forecast"], "layout") or None)
+        forecast = StackedFrames(file, "forecast", text_attribute(file["forecast"], "layout") or None, cache=False)
         recorded = text_attribute(file, "input_frames")
     with open_hdf5(truth_path) as file:
-        truth = StackedFrames(file, pick_dataset(file, dataset), layout)
+        truth = StackedFrames(file, pick_dataset(file, dataset), layout, cache=False)
     if truth_start is None:
         truth_start = int(recorded.split("..")[1]) + 1 if ".." in recorded else 0
     lead_times = forecast.steps
@@ -214,8 +214,8 @@ def evaluate_forecasts(
         for sequences in batches(range(truth.sequences), held):
             inputs = stack(truth.read(n, truth_start - history, history) for n in sequences)
             observed = stack(truth.read(n, truth_start, lead_times) for n in sequences)
-            predicted = stack(forecast.read(n, 0, lead_times) for n in sequences)
-            yield inputs, observed, {"forecast": predicted.float().nan_to_num_()}
+            predicted = {"forecast": stack(forecast.read(n, 0, lead_times) for n in sequences).float().nan_to_num_()}
+            yield inputs, observed, predicted
 
     if truth.dtype == np.uint8:
         data_range, zero_one = 255.0, 255.0

@@ -284,9 +284,9 @@ def test_pysteps_motion_of_rain_rates_is_estimated_in_dbr(monkeypatch):
 
     estimate, seen = motion.get_method("LK"), []
 
-    def recording(fields):
+    def recording(fields, **options):
         seen.append(fields.copy())
-        return estimate(fields)
+        return estimate(fields, **options)
 
     monkeypatch.setattr(motion, "get_method", lambda name: recording)
     rates = _translating(size=64)[:, :4]
@@ -296,10 +296,13 @@ def test_pysteps_motion_of_rain_rates_is_estimated_in_dbr(monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pysteps") is None, reason="the optional extra convgru[pysteps] is absent")
-def test_pysteps_baseline_lead_by_lead_equals_one_pysteps_call(capsys):
-    """One lead time per call, continued from the last displacement, is pysteps' own nowcast of all lead times."""
+@pytest.mark.parametrize("chunk_pixels", [baselines.PYSTEPS_CHUNK_PIXELS, 64])
+def test_pysteps_baseline_lead_by_lead_equals_one_pysteps_call(capsys, monkeypatch, chunk_pixels):
+    """One lead time per call, continued from the last displacement, is pysteps' own nowcast of all lead times;
+    and interpolating the motion vectors in many chunks (64 of 8x8 pixels here) changes nothing."""
     from pysteps import motion, nowcasts
 
+    monkeypatch.setattr(baselines, "PYSTEPS_CHUNK_PIXELS", chunk_pixels)
     rates = _translating(size=64)[:, :4] * 3
     forecast = baselines.get_method("pysteps").forecast(rates, 5, "mm/h")
     recent = rates[0, -3:, 0].double()
