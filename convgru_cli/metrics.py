@@ -100,7 +100,7 @@ def thresholds_in_units(
     return levels
 
 
-SCORE_PIXELS = 2**21  # pixels scored at once (at least a frame; SSIM: a band of rows), whatever the batch
+SCORE_PIXELS = 2**20  # pixels scored at once (at least a frame; SSIM: a band of rows), whatever the batch
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
