@@ -150,9 +150,10 @@ def main() -> None:
         if args.checkpoint is None:
             # --max-time without --epochs: the run trains until its budget is spent
             run = os.path.join(scratch, "run")
-            command = [sys.executable, "-m", "convgru_cli", "train", args.train, "--input-frames", str(args.inputs)]
+            command = [sys.executable, "-m", "convgru_cli", "--quiet", "train", args.train]
+            command += ["--input-frames", str(args.inputs)]
             command += ["--output-frames", str(args.leads), "--max-time", str(args.max_time), "--val-fraction", "0.2"]
-            command += ["--out", run, "--quiet", *args.train_option]
+            command += ["--out", run, *args.train_option]
             subprocess.run(command, check=True)
             # best.pt (lowest validation loss, what predict takes by default) and last.pt (the end of the schedule)
             checkpoints = [os.path.join(run, "best.pt"), os.path.join(run, "last.pt")]
