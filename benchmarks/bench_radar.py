@@ -26,6 +26,7 @@ import torch
 
 from convgru_cli import baselines
 from convgru_cli.forecast import Forecaster
+from convgru_cli.metrics import Scores, format_threshold
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "radar")
 THRESHOLDS = (0.5, 2.0, 5.0)
@@ -53,38 +54,29 @@ def stack_odim(folder: str, out: str, size: int = 384) -> str:
 
 
 class Tally:
-    """Per-lead sums for MSE, contingency counts at THRESHOLDS, and the values for the 99.9th percentile."""
+    """One method's scores as `convgru evaluate` computes them (``metrics.Scores``: MSE, and CSI and frequency bias
+    at THRESHOLDS, per lead time), and its values, for the 99.9th percentile."""
 
     def __init__(self, leads: int):
-        self.squared = np.zeros(leads)
-        self.pixels = 0
-        self.counts = {t: np.zeros((leads, 3)) for t in THRESHOLDS}  # hits, misses, false alarms
-        self.wet_forecast = {t: np.zeros(leads) for t in THRESHOLDS}
-        self.wet_observed = {t: np.zeros(leads) for t in THRESHOLDS}
+        self.scores = Scores(leads, data_range=1.0, thresholds=THRESHOLDS)  # the range only scales SSIM and PSNR
         self.values: list[np.ndarray] = []
 
     def add(self, forecast: torch.Tensor, truth: torch.Tensor) -> None:
-        f, o = forecast[:, :, 0].numpy().astype(np.float64), truth[:, :, 0].numpy().astype(np.float64)
-        self.squared += ((f - o) ** 2).sum(axis=(0, 2, 3))
-        self.pixels += f.shape[0] * f.shape[2] * f.shape[3]
-        for t in THRESHOLDS:
-            yes_f, yes_o = f >= t, o >= t
-            self.counts[t][:, 0] += (yes_f & yes_o).sum(axis=(0, 2, 3))
-            self.counts[t][:, 1] += (~yes_f & yes_o).sum(axis=(0, 2, 3))
-            self.counts[t][:, 2] += (yes_f & ~yes_o).sum(axis=(0, 2, 3))
-            self.wet_forecast[t] += yes_f.sum(axis=(0, 2, 3))
-            self.wet_observed[t] += yes_o.sum(axis=(0, 2, 3))
+        self.scores.update(forecast, truth)
+        f = forecast[:, :, 0].double().numpy()
         self.values.append(f.transpose(1, 0, 2, 3).reshape(f.shape[1], -1))
 
+    def _score(self, name: str) -> np.ndarray:
+        return np.array(self.scores.compute()[name])
+
     def mse(self) -> np.ndarray:
-        return self.squared / self.pixels
+        return self._score("mse")
 
     def csi(self, t: float) -> np.ndarray:
-        hits, misses, false_alarms = self.counts[t].T
-        return hits / np.maximum(hits + misses + false_alarms, 1)
+        return self._score(f"csi@{format_threshold(t)}")
 
     def bias(self, t: float) -> np.ndarray:
-        return self.wet_forecast[t] / np.maximum(self.wet_observed[t], 1)
+        return self._score(f"bias@{format_threshold(t)}")
 
     def p999(self) -> np.ndarray:
         return np.percentile(np.concatenate(self.values, axis=1), 99.9, axis=1)
