@@ -1,6 +1,7 @@
 """Baselines, scoring any model's forecast file, CSV and pictures."""
 
 import importlib.util
+import weakref
 
 import h5py
 import numpy as np
@@ -310,3 +311,24 @@ def test_pysteps_baseline_lead_by_lead_equals_one_pysteps_call(capsys, monkeypat
     last = recent[-1].numpy()
     reference = np.nan_to_num(nowcasts.get_method("extrapolation")(last, velocity, 5), nan=last.min())
     np.testing.assert_allclose(forecast[0, :, 0].numpy(), reference, atol=1e-4)
+
+
+def test_each_forecast_is_freed_once_scored(tmp_path, monkeypatch):
+    """While the next method forecasts and is scored, nothing holds the forecasts already scored (at 4400x3800 a
+    batch's forecast held on to by the batch stream was 0.8 GB of an 11 GB peak)."""
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0, 5, (3, 8, 16, 16)).astype(np.float32)
+    write_h5(tmp_path / "truth.h5", truth, units="mm/h")
+    with h5py.File(tmp_path / "f.h5", "w") as file:
+        file.create_dataset("forecast", data=truth[:, 4:] + 1).attrs["layout"] = "NTHW"
+    scored, still_held = [], []
+    update = evaluate.Scores.update
+
+    def recording(self, prediction, observed, valid=None):
+        still_held.extend(ref() is not None for ref in scored)
+        scored.append(weakref.ref(prediction))
+        update(self, prediction, observed, valid)
+
+    monkeypatch.setattr(evaluate.Scores, "update", recording)
+    evaluate.evaluate_forecasts(str(tmp_path / "f.h5"), str(tmp_path / "truth.h5"), truth_start=4, batch_size=2)
+    assert len(scored) == 2 * (1 + len(baselines.usable(4))) and not any(still_held)
