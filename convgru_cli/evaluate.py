@@ -214,8 +214,8 @@ def evaluate_forecasts(
         for sequences in batches(range(truth.sequences), held):
             inputs = stack(truth.read(n, truth_start - history, history) for n in sequences)
             observed = stack(truth.read(n, truth_start, lead_times) for n in sequences)
-            predicted = {"forecast": stack(forecast.read(n, 0, lead_times) for n in sequences).float().nan_to_num_()}
-            yield inputs, observed, predicted
+            forecasts = {"forecast": stack(forecast.read(n, 0, lead_times) for n in sequences).float().nan_to_num_()}
+            yield inputs, observed, forecasts
 
     if truth.dtype == np.uint8:
         data_range, zero_one = 255.0, 255.0

@@ -24,7 +24,7 @@ from convgru_cli.motion import MAX_SPEED
 
 BLEND = 16  # pixels over which a tile's weight ramps up beyond its halo
 MOTION_REACH = 16  # the motion search's window and refinement, beyond what the leads travel
-DEFAULT_BUDGET = 10**9  # bytes of one run of the model, by bytes_per_pixel; a 256² evaluation peaks at 1 GB
+DEFAULT_BUDGET = 10**9  # bytes of one run of the model, by bytes_per_pixel; a 256² evaluation peaks at 1.0-1.1 GB
 
 
 def bytes_per_pixel(config: ModelConfig, input_frames: int, frames: int) -> int:
