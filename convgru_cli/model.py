@@ -458,8 +458,10 @@ def anchor(last: Tensor, motion: Tensor, outputs: Tensor, bounds: tuple[Tensor, 
     each carried along with the rain since it was made, and held within ``bounds`` (lowest, highest) [B, C],
     the range of the input frames. Above it, a model trained on one event painted cells it was never shown (on
     an unseen radar one pixel in 10^5 grew past 7x the observed maximum by lead 6); below it, a run's
-    corrections ran away to a training loss of 10^8. Zero outputs give the extrapolation of ``last``, which
-    never leaves that range."""
+    corrections ran away to a training loss of 10^8. The bounds hold the values, not the gradient, which
+    passes as if unbounded: behind a plain clamp, a run whose corrections had pushed every pixel past the top
+    (raining everywhere) learned nothing more and stayed there. Zero outputs give the extrapolation of
+    ``last``, which never leaves that range."""
     with torch.autocast(last.device.type, enabled=False):
         outputs = outputs.float()
         low, high = (bound.float()[:, :, None, None] for bound in bounds)
@@ -471,7 +473,7 @@ def anchor(last: Tensor, motion: Tensor, outputs: Tensor, bounds: tuple[Tensor, 
             displacement = trace_back(displacement, step_motion)
             correction = warp(correction, step_motion) + step[:, 2:]
             lead = sample(last, departure_points(displacement)) + correction
-            forecast.append(lead.clamp(low, high))
+            forecast.append(lead.clamp(low, high).detach() + (lead - lead.detach()))  # exact values, gradient 1
         return torch.stack(forecast, dim=1)
 
 

@@ -304,6 +304,18 @@ def test_anchored_forecasts_stay_within_the_range_of_the_input_frames():
         assert inputs.min() <= forecast.min() and forecast.max() <= inputs.max()
 
 
+def test_corrections_held_at_a_bound_still_learn_their_way_back():
+    """A pixel pushed past the top of the range forecasts the top, yet the loss still pulls its correction down."""
+    last = torch.zeros(1, 1, 8, 8)
+    outputs = torch.zeros(1, 2, 3, 8, 8)
+    outputs[0, :, 2] = 10.0  # far above the range everywhere
+    outputs.requires_grad_(True)
+    forecast = anchor(last, torch.zeros(1, 2, 8, 8), outputs, bounds=(torch.tensor([[-1.0]]), torch.tensor([[1.0]])))
+    assert forecast.max().item() == 1.0
+    forecast.square().sum().backward()  # the observation: all zero
+    assert (outputs.grad[0, :, 2] > 0).all()  # every correction is pushed back down
+
+
 def test_checkpoints_from_before_the_anchored_forecaster_rebuild_shis():
     saved = make_config("fast", 1, forecaster="shi").to_dict()
     del saved["forecaster"]
