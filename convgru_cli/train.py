@@ -36,6 +36,9 @@ log = logging.getLogger("convgru")
 
 LOSSES = ("mse", "mae", "mse+mae", "balanced")
 QUIET_VALIDATION = 0.5  # warn when this share of the validation windows holds no signal
+# Under --max-time, validation may take this share of the run's time: a small file cut into crops makes epochs of
+# a few steps, and validating after each (whole frames, every held-out window) took a third of a 10-minute run.
+VALIDATION_SHARE = 0.1
 
 
 @dataclass
@@ -121,6 +124,7 @@ class Progress:
     # mid-epoch resume under torchrun, every process starts from it, an estimate of its own.
     epoch_loss: float = 0.0
     epoch_sequences: int = 0
+    validation_s: float = 0.0  # seconds spent validating, across resumes
 
 
 def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.Tensor:
@@ -497,7 +501,13 @@ def end_epoch(run: Run, epoch: Epoch) -> bool:
     config, progress = run.config, run.progress
     # The epoch counts as done only after validation (a Ctrl-C during it resumes into validation) and only when
     # all its batches ran: one cut short by --max-time goes on from there when resumed.
-    val_loss = validate(run)
+    has_validation = any(val_windows for _, val_windows in run.validation)
+    validated = has_validation and _validation_due(run, epoch)
+    val_loss = None
+    if validated:
+        began = time.perf_counter()
+        val_loss = validate(run)
+        progress.validation_s += time.perf_counter() - began
     loss_sum, sequences = distributed.sum_over_processes(
         torch.tensor([progress.epoch_loss, progress.epoch_sequences], dtype=torch.float64), run.device
     ).tolist()
@@ -513,11 +523,11 @@ def end_epoch(run: Run, epoch: Epoch) -> bool:
         "elapsed_s": round(progress.elapsed, 2),
         "complete": progress.batch == 0,  # false: cut short by --max-time, continued by --resume
     }
-    # Without a validation split every epoch is the best so far; a NaN loss never is.
-    improved = val_loss is None or val_loss < progress.best_val
+    # Without a validation split every epoch is the best so far; a NaN loss never is, nor an epoch not validated.
+    improved = not has_validation or (validated and val_loss < progress.best_val)
     if improved:
         progress.best_epoch = number
-        progress.best_val = progress.best_val if val_loss is None else val_loss
+        progress.best_val = val_loss if validated else progress.best_val
     progress.history.append(record)
     run.save("last.pt")
     if improved:
@@ -532,6 +542,17 @@ def end_epoch(run: Run, epoch: Epoch) -> bool:
         log.info("stopping: no better validation loss for %d epochs (--patience)", config.patience)
         return True
     return False
+
+
+def _validation_due(run: Run, epoch: Epoch) -> bool:
+    """Every epoch is validated, except under --max-time without --patience (whose count of epochs without a
+    better loss needs every epoch validated): there, only while validation has taken at most VALIDATION_SHARE
+    of the time so far, and always the run's last epoch, so that best.pt weighs the final weights too."""
+    config, progress = run.config, run.progress
+    if not config.max_time or config.patience:
+        return True
+    last = epoch.out_of_time or (config.epochs is not None and progress.epoch + 1 >= config.epochs)
+    return last or progress.validation_s <= VALIDATION_SHARE * progress.elapsed
 
 
 @torch.no_grad()

@@ -42,6 +42,21 @@ def test_training_lowers_the_loss_and_writes_the_run(digits_file, tmp_path):
     assert saved["data_spec"]["layout"] == "NTHW" and saved["normalisation"]["dtype"] == "uint8"
 
 
+def test_a_timed_run_validates_within_its_share_and_always_at_the_end(digits_file, tmp_path, monkeypatch):
+    """With no share of the time for validation, a --max-time run validates its first epoch (nothing spent yet)
+    and its last, and best.pt is one of those; with --patience every epoch is validated."""
+    monkeypatch.setattr(train, "VALIDATION_SHARE", 0.0)
+    summary = _run(digits_file, tmp_path / "timed", epochs=4, max_time=3600)
+    records = [json.loads(line) for line in open(tmp_path / "timed" / "metrics.jsonl")]
+    validated = [r["val_loss"] is not None for r in records]
+    assert validated == [True, False, False, True]
+    assert summary["best_epoch"] in (1, 4)
+    assert summary["best_val_loss"] == min(r["val_loss"] for r in records if r["val_loss"] is not None)
+    _run(digits_file, tmp_path / "patient", epochs=3, max_time=3600, patience=5)
+    records = [json.loads(line) for line in open(tmp_path / "patient" / "metrics.jsonl")]
+    assert all(r["val_loss"] is not None for r in records)
+
+
 @pytest.mark.parametrize("crop", [None, (16, 16)])
 def test_interrupted_run_resumes_to_the_same_weights(digits_file, tmp_path, monkeypatch, crop):
     """Random crops included: a resumed epoch draws the crops the uninterrupted one drew."""
