@@ -85,8 +85,14 @@ def train(
         typer.Option(help="Train on random crops of SIZE or H,W pixels, drawn anew each epoch; forecasts stay whole."),
     ] = None,
     augment: Annotated[
-        bool, typer.Option(help="Turn, mirror and (rain) rescale each training window by 1/2 to 4, drawn by the seed.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--augment/--no-augment",
+            help="Turn, mirror and (rain) rescale each training window by 1/2 to 4, drawn by the seed "
+            "[default: on for rain rates, which are modelled in dB; else off].",
+            show_default=False,
+        ),
+    ] = None,
     arch: options.ArchOpt = "fast",
     cell: options.CellOpt = "convgru",
     forecaster: options.ForecasterOpt = "anchored",
@@ -100,8 +106,13 @@ def train(
     ] = "1,2,5,10,30",
     grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this; 0: no clipping.")] = 1.0,
     distribution_weight: Annotated[
-        float, typer.Option(help="Weight of the loss on each frame's sorted values: keeps the observed intensities.")
-    ] = 0.0,
+        float | None,
+        typer.Option(
+            help="Weight of the loss on each frame's sorted values: keeps the observed intensities "
+            "[default: 1 for rain rates, which are modelled in dB; else 0].",
+            show_default=False,
+        ),
+    ] = None,
     seed: int = 0,
     max_time: Annotated[
         float | None, typer.Option(help="Stop cleanly after this many seconds of training (default: no limit).")

@@ -55,7 +55,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     # Weight of the distribution term: the sorted values of each forecast frame against the observed frame's
     # (a 1-D Wasserstein distance), which a forecast that blurs or fades away from the observation pays for.
-    distribution_weight: float = 0.0
+    # None: by the data (rain_aware).
+    distribution_weight: float | None = None
     seed: int = 0
     max_time: float | None = None
     patience: int | None = None
@@ -66,7 +67,7 @@ class TrainConfig:
     workers: int | None = None
     cache: bool | None = None  # hold the data in memory: None decides by size
     crop: tuple[int, int] | None = None  # train on random crops of this (height, width): see WindowDataset
-    augment: bool = False  # turn, flip and (rain) rescale each training window: see augmented
+    augment: bool | None = None  # turn, flip and (rain) rescale each training window (augmented); None: by the data
     # Files (or globs) whose windows validate too, read with the training data's spec and normalisation: another
     # event, so that best.pt is not chosen on the training file's last hours alone.
     val_data: tuple[str, ...] = ()
@@ -80,13 +81,13 @@ class TrainConfig:
         for option, value in (
             ("--lr", self.lr),
             ("--grad-clip", self.grad_clip),
-            ("--distribution-weight", self.distribution_weight),
+            ("--distribution-weight", self.distribution_weight or 0.0),
             ("--max-time", self.max_time or 0.0),
         ):
             finite(value, option)
         if self.lr <= 0:
             raise UserError("--lr must be positive")
-        if self.distribution_weight < 0:
+        if self.distribution_weight is not None and self.distribution_weight < 0:
             raise UserError(f"--distribution-weight {self.distribution_weight:g}: must be 0 or more")
         if self.grad_clip < 0:
             raise UserError(f"--grad-clip {self.grad_clip:g}: must not be negative (0: no clipping)")
@@ -100,6 +101,19 @@ class TrainConfig:
             raise UserError(f"--max-time {self.max_time:g}: must not be negative (0: no limit)")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers {self.workers}: must be 0 or more")
+
+
+def rain_aware(config: TrainConfig, transform: str) -> TrainConfig:
+    """``config`` with the options left to the data (None) decided by it. Rain modelled in dB trains with the
+    distribution term and augmented windows: both kept a model trained on one radar's event from fading on
+    another's (benchmarks/README.md, bench_radar: KNMI to RMI and back); other data trains without either."""
+    rain = transform == "db"
+    weight = config.distribution_weight
+    return replace(
+        config,
+        distribution_weight=(1.0 if rain else 0.0) if weight is None else weight,
+        augment=rain if config.augment is None else config.augment,
+    )
 
 
 class Interrupted(Exception):
@@ -338,9 +352,18 @@ def train(
     placement = _placement(config, spec)
     data = _open_data(data_path, spec, config, placement.world)
     source, spec = data.source, data.spec
+    config = rain_aware(config, spec.transform)
     normalisation = compute_normalisation(source, data.train_windows, spec.window, spec.transform, spec.clip)
     if placement.rank == 0 and spec.transform != "none":
-        log.info("%s: modelled in the %r transform of its %s (--transform)", source.label, spec.transform, source.units)
+        log.info(
+            "%s: modelled in the %r transform of its %s (--transform); distribution term weight %g, %s windows "
+            "(--distribution-weight, --augment)",
+            source.label,
+            spec.transform,
+            source.units,
+            config.distribution_weight,
+            "augmented" if config.augment else "plain",
+        )
     if normalisation.nan_fraction > 0 and placement.rank == 0:
         log.warning(
             "%s: %.2f%% of the sampled training pixels are NaN (no data); they are left out of the loss "

@@ -376,6 +376,19 @@ def test_crops_are_drawn_anew_each_epoch_reproducibly_where_the_signal_is_and_re
     assert set(asked) == {(16, 24)}  # never the whole frame: the domain's size does not enter memory
 
 
+def test_rain_trains_with_the_distribution_term_and_augmented_windows_unless_told_otherwise(series_file, tmp_path):
+    assert train.rain_aware(train.TrainConfig(), "db") == train.TrainConfig(distribution_weight=1.0, augment=True)
+    assert train.rain_aware(train.TrainConfig(), "none") == train.TrainConfig(distribution_weight=0.0, augment=False)
+    chosen = train.TrainConfig(distribution_weight=0.5, augment=False)
+    assert train.rain_aware(chosen, "db") == chosen
+    spec = DataSpec(dataset=None, layout=None, input_frames=3, output_frames=3, stride=4, val_fraction=0.25)
+    config = train.TrainConfig(epochs=1, batch_size=2, device="cpu", precision="fp32")  # both left to the data
+    summary = train.train(series_file, spec, make_config("fast", 1), config, str(tmp_path / "r"), show_progress=False)
+    saved = checkpoint.load(summary["last_checkpoint"])
+    assert saved["data_spec"]["transform"] == "db"
+    assert saved["train_config"]["distribution_weight"] == 1.0 and saved["train_config"]["augment"] is True
+
+
 def test_augmentation_turns_mirrors_and_rescales_rain_reproducibly():
     batch = torch.arange(2 * 3 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 3, 1, 8, 8)
     once, again = train.augmented(batch, 5, rescale=True), train.augmented(batch, 5, rescale=True)
