@@ -173,15 +173,18 @@ def augmented(batch: torch.Tensor, seed: int, rescale: bool) -> torch.Tensor:
     return torch.stack(windows)
 
 
-def distribution_loss(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def distribution_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference between the sorted values of each forecast frame and of its observed frame, over
-    the pixels with data: zero for any rearrangement of the observed values, so it leaves placement to the
+    the pixels with data, each rank weighted as the observed pixel there is in ``weight`` (0: no data; under
+    --loss balanced, the balance weights, so that heavy rain counts here as it does in the pixel-wise loss, and
+    the two stay in proportion). Zero for any rearrangement of the observed values: it leaves placement to the
     pixel-wise loss and only asks that the forecast keep the observation's intensities."""
-    floor = torch.finfo(prediction.dtype).min  # no-data pixels sort first, in both, and cancel
+    valid = weight > 0
+    floor = torch.finfo(prediction.dtype).min  # no-data pixels sort first, in both, and carry no weight
     flat_prediction = torch.where(valid, prediction, floor).flatten(2).sort(dim=-1).values
-    flat_target = torch.where(valid, target, floor).flatten(2).sort(dim=-1).values
-    gap = (flat_prediction - flat_target).abs().where(flat_target > floor, 0.0)
-    return gap.sum() / valid.sum().clamp(min=1)
+    flat_target, order = torch.where(valid, target, floor).flatten(2).sort(dim=-1)
+    rank_weight = weight.to(prediction.dtype).flatten(2).gather(-1, order)
+    return ((flat_prediction - flat_target).abs() * rank_weight).sum() / valid.sum().clamp(min=1)
 
 
 def balance_weights(raw_target: torch.Tensor, config: TrainConfig) -> torch.Tensor:
@@ -497,7 +500,7 @@ def train_step(run: Run, batch: torch.Tensor, started: float) -> tuple[float, bo
         prediction = run.net(inputs, spec.output_frames)
     loss = weighted_loss(prediction.float(), target, weight, config.loss)
     if config.distribution_weight:
-        loss = loss + config.distribution_weight * distribution_loss(prediction.float(), target, valid)
+        loss = loss + config.distribution_weight * distribution_loss(prediction.float(), target, weight)
     loss_value = loss.item()  # the one host-device sync of the step
     if not math.isfinite(loss_value):
         raise UserError(
@@ -602,7 +605,7 @@ def validate(run: Run) -> float | None:
             weight = valid.float()
             loss_sum = ((prediction - target) ** 2 * weight).sum()
             if run.config.distribution_weight:  # the training objective's term, so best.pt does not favour fading
-                distribution = distribution_loss(prediction, target, valid) * weight.sum()
+                distribution = distribution_loss(prediction, target, weight) * weight.sum()
                 loss_sum = loss_sum + run.config.distribution_weight * distribution
             total += torch.stack([loss_sum, weight.sum()]).cpu()
     total = distributed.sum_over_processes(total, run.device)

@@ -280,8 +280,28 @@ def test_validation_loss_is_the_training_objective_with_its_distribution_term(di
         prediction = model.eval()(inputs, SPEC.output_frames)
     weight = valid.float()
     mse = float(((prediction - target) ** 2 * weight).sum() / weight.sum())
-    expected = mse + 0.5 * float(train.distribution_loss(prediction, target, valid))
+    expected = mse + 0.5 * float(train.distribution_loss(prediction, target, weight))
     assert summary["best_val_loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_distribution_loss_weighs_each_rank_as_its_observed_pixel():
+    """Against a plain reference: per frame, the valid values sorted, each gap weighted as the observed pixel of
+    that rank (no-data pixels have weight 0); any rearrangement of the observation costs nothing."""
+    generator = torch.Generator().manual_seed(0)
+    prediction, target = torch.randn(2, 2, 3, 1, 5, 4, generator=generator).double()
+    weight = torch.randint(0, 4, target.shape, generator=generator).double()
+    expected = 0.0
+    for b in range(2):
+        for t in range(3):
+            keep = weight[b, t].flatten() > 0
+            observed, weights = target[b, t].flatten()[keep].numpy(), weight[b, t].flatten()[keep].numpy()
+            order = np.argsort(observed)
+            forecast = np.sort(prediction[b, t].flatten()[keep].numpy())
+            expected += (np.abs(forecast - observed[order]) * weights[order]).sum()
+    expected /= int((weight > 0).sum())
+    assert float(train.distribution_loss(prediction, target, weight)) == pytest.approx(expected, rel=1e-12)
+    rearranged = target.flatten(2)[..., torch.randperm(20, generator=generator)].view_as(target)
+    assert float(train.distribution_loss(rearranged, target, torch.ones_like(target))) == 0.0
 
 
 def test_max_time_without_epochs_trains_until_the_time_is_up(digits_file, tmp_path, caplog):
