@@ -97,6 +97,8 @@ class TrainConfig:
             raise UserError("--balance-weights needs one weight more than --balance-thresholds")
         if list(self.balance_thresholds) != sorted(self.balance_thresholds):
             raise UserError("--balance-thresholds must be in increasing order")
+        if min(self.balance_weights, default=1.0) <= 0:
+            raise UserError("--balance-weights must all be positive (a weight of 0 would mark pixels as no data)")
         if self.max_time is not None and self.max_time < 0:
             raise UserError(f"--max-time {self.max_time:g}: must not be negative (0: no limit)")
         if self.workers is not None and self.workers < 0:
@@ -573,12 +575,14 @@ def end_epoch(run: Run, epoch: Epoch) -> bool:
 def _validation_due(run: Run, epoch: Epoch) -> bool:
     """Every epoch is validated, except under --max-time without --patience (whose count of epochs without a
     better loss needs every epoch validated): there, only while validation has taken at most VALIDATION_SHARE
-    of the time so far, and always the run's last epoch, so that best.pt weighs the final weights too."""
+    of the time so far, and always the run's last epoch, so that best.pt weighs the final weights too. Under
+    torchrun every process validates where any one would (each times itself): validation is a collective."""
     config, progress = run.config, run.progress
     if not config.max_time or config.patience:
         return True
     last = epoch.out_of_time or (config.epochs is not None and progress.epoch + 1 >= config.epochs)
-    return last or progress.validation_s <= VALIDATION_SHARE * progress.elapsed
+    due = last or progress.validation_s <= VALIDATION_SHARE * progress.elapsed
+    return distributed.max_over_processes(float(due), run.device) > 0
 
 
 @torch.no_grad()

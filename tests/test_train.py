@@ -304,6 +304,14 @@ def test_distribution_loss_weighs_each_rank_as_its_observed_pixel():
     assert float(train.distribution_loss(rearranged, target, torch.ones_like(target))) == 0.0
 
 
+def test_balance_weights_must_be_positive():
+    """A weight of 0 would mark pixels as no data in the distribution term, a negative one reward errors."""
+    for weights in ((1.0, 2.0, 0.0, 10.0, 30.0), (1.0, -2.0, 5.0, 10.0, 30.0)):
+        with pytest.raises(UserError, match="--balance-weights must all be positive"):
+            _config(loss="balanced", balance_weights=weights).check()
+    _config(loss="balanced").check()
+
+
 def test_max_time_without_epochs_trains_until_the_time_is_up(digits_file, tmp_path, caplog):
     assert options.epochs_of({"epochs": None, "max_time": 600.0}) is None
     assert options.epochs_of({"epochs": None, "max_time": None}) == train.TrainConfig.epochs
