@@ -458,10 +458,8 @@ def anchor(last: Tensor, motion: Tensor, outputs: Tensor, bounds: tuple[Tensor, 
     each carried along with the rain since it was made, and held within ``bounds`` (lowest, highest) [B, C],
     the range of the input frames. Above it, a model trained on one event painted cells it was never shown (on
     an unseen radar one pixel in 10^5 grew past 7x the observed maximum by lead 6); below it, a run's
-    corrections ran away to a training loss of 10^8. The bounds hold the values, not the gradient, which
-    passes as if unbounded: behind a plain clamp, a run whose corrections had pushed every pixel past the top
-    (raining everywhere) learned nothing more and stayed there. Zero outputs give the extrapolation of
-    ``last``, which never leaves that range."""
+    corrections ran away to a training loss of 10^8. Zero outputs give the extrapolation of ``last``, which
+    never leaves that range."""
     with torch.autocast(last.device.type, enabled=False):
         outputs = outputs.float()
         low, high = (bound.float()[:, :, None, None] for bound in bounds)
@@ -473,8 +471,28 @@ def anchor(last: Tensor, motion: Tensor, outputs: Tensor, bounds: tuple[Tensor, 
             displacement = trace_back(displacement, step_motion)
             correction = warp(correction, step_motion) + step[:, 2:]
             lead = sample(last, departure_points(displacement)) + correction
-            forecast.append(lead.clamp(low, high).detach() + (lead - lead.detach()))  # exact values, gradient 1
+            forecast.append(_HeldWithin.apply(lead, low, high))
         return torch.stack(forecast, dim=1)
+
+
+class _HeldWithin(torch.autograd.Function):
+    """``lead.clamp(low, high)`` whose gradient still reaches a value held at a bound where it points back into
+    the range, and only there. Behind a plain clamp, a run whose corrections had pushed every pixel past the top
+    (raining everywhere) learned nothing more and stayed there; a gradient passed both ways would push on
+    forever where the observation itself lies beyond the inputs' range (a cell growing past every input frame's
+    maximum), raising the corrections under every held pixel."""
+
+    @staticmethod
+    def forward(ctx, lead: Tensor, low: Tensor, high: Tensor) -> Tensor:
+        ctx.save_for_backward(lead > high, lead < low)
+        return lead.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        above, below = ctx.saved_tensors
+        # A step against the gradient lowers a value where the gradient is positive.
+        outward = (above & (grad < 0)) | (below & (grad > 0))
+        return grad.masked_fill(outward, 0.0), None, None
 
 
 def count_parameters(model: nn.Module) -> int:

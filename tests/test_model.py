@@ -316,6 +316,21 @@ def test_corrections_held_at_a_bound_still_learn_their_way_back():
     assert (outputs.grad[0, :, 2] > 0).all()  # every correction is pushed back down
 
 
+def test_a_bound_passes_no_gradient_that_points_further_out():
+    """Where the observation lies beyond the inputs' range, the held forecast is as close as it may come: the
+    correction is not pushed further out (upwards above the range, downwards below it)."""
+    last = torch.zeros(1, 1, 4, 4)
+    outputs = torch.zeros(1, 1, 3, 4, 4)
+    outputs[0, 0, 2, :2] = 3.0  # top rows above the range
+    outputs[0, 0, 2, 2:] = -3.0  # bottom rows below it
+    outputs.requires_grad_(True)
+    forecast = anchor(last, torch.zeros(1, 2, 4, 4), outputs, bounds=(torch.tensor([[-1.0]]), torch.tensor([[1.0]])))
+    observation = torch.cat([torch.full((1, 1, 1, 2, 4), 5.0), torch.full((1, 1, 1, 2, 4), -5.0)], dim=3)
+    (forecast - observation).square().sum().backward()
+    assert forecast[0, 0, 0, :2].eq(1.0).all() and forecast[0, 0, 0, 2:].eq(-1.0).all()
+    assert outputs.grad[0, 0, 2].eq(0.0).all()
+
+
 def test_checkpoints_from_before_the_anchored_forecaster_rebuild_shis():
     saved = make_config("fast", 1, forecaster="shi").to_dict()
     del saved["forecaster"]
