@@ -88,8 +88,8 @@ def train(
         bool | None,
         typer.Option(
             "--augment/--no-augment",
-            help="Turn, mirror and (rain) rescale each training window by 1/2 to 4, drawn by the seed "
-            "[default: on for rain rates, which are modelled in dB; else off].",
+            help="Turn, mirror, run a quarter backwards in time and (rain) rescale by 1/2 to 4 each training "
+            "window, drawn by the seed [default: on for rain rates, which are modelled in dB; else off].",
             show_default=False,
         ),
     ] = None,

@@ -417,14 +417,20 @@ def test_rain_trains_with_the_distribution_term_and_augmented_windows_unless_tol
     assert saved["train_config"]["distribution_weight"] == 1.0 and saved["train_config"]["augment"] is True
 
 
-def test_augmentation_turns_mirrors_and_rescales_rain_reproducibly():
+def test_augmentation_turns_mirrors_reverses_and_rescales_rain_reproducibly():
     batch = torch.arange(2 * 3 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 3, 1, 8, 8)
     once, again = train.augmented(batch, 5, rescale=True), train.augmented(batch, 5, rescale=True)
     torch.testing.assert_close(once, again)
-    for window, original in zip(train.augmented(batch, 5, rescale=False), batch, strict=True):
-        variants = [torch.rot90(original, k, dims=(-2, -1)) for k in range(4)]
-        variants += [v.flip(-1) for v in variants]
-        assert any(torch.equal(window, v) for v in variants)  # a symmetry of the square, nothing else
+    reversed_windows = 0
+    for seed in range(100):
+        for window, original in zip(train.augmented(batch, seed, rescale=False), batch, strict=True):
+            forwards = [torch.rot90(original, k, dims=(-2, -1)) for k in range(4)]
+            forwards += [v.flip(-1) for v in forwards]
+            backwards = [v.flip(0) for v in forwards]
+            # a symmetry of the square, in time order or backwards, nothing else
+            assert any(torch.equal(window, v) for v in forwards + backwards)
+            reversed_windows += any(torch.equal(window, v) for v in backwards)
+    assert 0.15 < reversed_windows / 200 < 0.35  # about REVERSED_SHARE of them run backwards
     ratios = (once.flatten(1)[:, 1:].sum(dim=1) / batch.flatten(1)[:, 1:].sum(dim=1)).tolist()
     assert all(0.5 <= r <= 4 for r in ratios)
     draws = {tuple(train.augmented(batch, seed, rescale=False)[0, 0, 0, 0].tolist()) for seed in range(12)}
