@@ -76,14 +76,14 @@ class Forecaster:
         spec = self.spec
         name = pick_dataset(file, dataset or (spec.dataset if spec.dataset in file else None), spec.mask_dataset)
         stored = file[name]
+        assumed = False
         if not layout and not text_attribute(stored, "layout") and len(spec.layout or "") == stored.ndim:
             layout = spec.layout  # a file like the training file, which records no layout, is read the same way
-            if layout != resolve_layout(stored.shape, None, name):
-                log.info(
-                    "%s: no layout recorded; read as %s, as the model was trained (--layout to change)", name, layout
-                )
+            assumed = layout != resolve_layout(stored.shape, None, name)
         source = StackedFrames(file, name, layout, None, spec.nan_policy, mask_in(file, spec.mask_dataset))
         self.check_frames(source)
+        if assumed:  # said once the frames are known to fit: bad input gets its one line, the error
+            log.info("%s: no layout recorded; read as %s, as the model was trained (--layout to change)", name, layout)
         return source
 
     def open_inputs(
