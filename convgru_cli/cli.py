@@ -88,7 +88,7 @@ def train(
         bool | None,
         typer.Option(
             "--augment/--no-augment",
-            help="Turn, mirror, run a quarter backwards in time and (rain) rescale by 1/2 to 4 each training "
+            help="Turn, mirror, run half backwards in time and (rain) rescale by 1/2 to 4 each training "
             "window, drawn by the seed [default: on for rain rates, which are modelled in dB; else off].",
             show_default=False,
         ),
@@ -109,7 +109,7 @@ def train(
         float | None,
         typer.Option(
             help="Weight of the loss on each frame's sorted values: keeps the observed intensities "
-            "[default: 1 for rain rates, which are modelled in dB; else 0].",
+            "[default: 3 for rain rates, which are modelled in dB; else 0].",
             show_default=False,
         ),
     ] = None,

@@ -405,7 +405,7 @@ def test_crops_are_drawn_anew_each_epoch_reproducibly_where_the_signal_is_and_re
 
 
 def test_rain_trains_with_the_distribution_term_and_augmented_windows_unless_told_otherwise(series_file, tmp_path):
-    assert train.rain_aware(train.TrainConfig(), "db") == train.TrainConfig(distribution_weight=1.0, augment=True)
+    assert train.rain_aware(train.TrainConfig(), "db") == train.TrainConfig(distribution_weight=3.0, augment=True)
     assert train.rain_aware(train.TrainConfig(), "none") == train.TrainConfig(distribution_weight=0.0, augment=False)
     chosen = train.TrainConfig(distribution_weight=0.5, augment=False)
     assert train.rain_aware(chosen, "db") == chosen
@@ -414,7 +414,7 @@ def test_rain_trains_with_the_distribution_term_and_augmented_windows_unless_tol
     summary = train.train(series_file, spec, make_config("fast", 1), config, str(tmp_path / "r"), show_progress=False)
     saved = checkpoint.load(summary["last_checkpoint"])
     assert saved["data_spec"]["transform"] == "db"
-    assert saved["train_config"]["distribution_weight"] == 1.0 and saved["train_config"]["augment"] is True
+    assert saved["train_config"]["distribution_weight"] == 3.0 and saved["train_config"]["augment"] is True
 
 
 def test_augmentation_turns_mirrors_reverses_and_rescales_rain_reproducibly():
@@ -430,7 +430,7 @@ def test_augmentation_turns_mirrors_reverses_and_rescales_rain_reproducibly():
             # a symmetry of the square, in time order or backwards, nothing else
             assert any(torch.equal(window, v) for v in forwards + backwards)
             reversed_windows += any(torch.equal(window, v) for v in backwards)
-    assert 0.15 < reversed_windows / 200 < 0.35  # about REVERSED_SHARE of them run backwards
+    assert 0.4 < reversed_windows / 200 < 0.6  # about half of them run backwards (REVERSED_SHARE)
     ratios = (once.flatten(1)[:, 1:].sum(dim=1) / batch.flatten(1)[:, 1:].sum(dim=1)).tolist()
     assert all(0.5 <= r <= 4 for r in ratios)
     draws = {tuple(train.augmented(batch, seed, rescale=False)[0, 0, 0, 0].tolist()) for seed in range(12)}
