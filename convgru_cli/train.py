@@ -42,7 +42,7 @@ VALIDATION_SHARE = 0.1
 # Share of augmented windows run backwards: half, so that the training windows hold no net growth or decay. A
 # model otherwise learns its training event's life cycle as the rule: with a quarter backwards, trained on KNMI's
 # 256² crop it kept another radar's rain area (frequency bias at 2 mm/h 0.94-1.17 at 30 minutes over five
-# seeds), and trained on the whole KNMI composite of the same event, which decays, it faded it (0.63)
+# seeds), and trained on the whole KNMI composite of the same event, which decays, it faded it (0.62)
 # (benchmarks/README.md, bench_radar, sessions 14 and 15).
 REVERSED_SHARE = 0.5
 # The distribution term's weight for rain: what fades a forecast trained on time-symmetric windows is the
