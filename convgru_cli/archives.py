@@ -39,6 +39,9 @@ ODIM_QUANTITIES = {
     "ACRR": ("mm", 0.0),
 }
 TIME_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+# Units of a rain depth: an accumulation, read as the rain rate over its period (mm/h), as pysteps nowcasts do, so
+# that the rain transform's threshold (0.1 mm/h) and every score's threshold mean the same on any archive.
+DEPTH_UNITS = {"mm", "kg m-2"}
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Frame:
     height: int
     width: int
     grid: Georeference
+    accumulation_minutes: float | None = None  # the period a depth (mm) was gathered over, where the file says
 
 
 # -- ODIM_H5
@@ -79,7 +83,8 @@ class OdimReader:
         quantity = fields[name]
         units = ODIM_QUANTITIES.get(quantity, (quantity, None))[0]
         height, width = file[name].shape
-        return Frame(path, time, name, quantity, units, height, width, self._grid(file, name, height, width))
+        grid = self._grid(file, name, height, width)
+        return Frame(path, time, name, quantity, units, height, width, grid, self._period(self._what(file, name)))
 
     def read(self, file: h5py.File, frame: Frame, region: Region | None = None) -> np.ndarray:
         """raw x gain + offset; ``nodata`` -> NaN, ``undetect`` -> the quantity's "nothing there" value. In
@@ -96,6 +101,20 @@ class OdimReader:
         if nodata is not None:
             values[nodata] = np.nan
         return values.astype(np.float32)
+
+    @staticmethod
+    def _period(what: dict) -> float | None:
+        """Minutes from ``startdate``/``starttime`` to ``enddate``/``endtime`` (an ACRR's accumulation), where
+        both are given."""
+        try:
+            start, end = (
+                datetime.strptime(f"{what[f'{edge}date']}{what[f'{edge}time'][:6]}", "%Y%m%d%H%M%S")
+                for edge in ("start", "end")
+            )
+        except (KeyError, ValueError):
+            return None
+        minutes = (end - start).total_seconds() / 60
+        return minutes if minutes > 0 else None
 
     @staticmethod
     def _fields(file: h5py.File) -> list[str]:
@@ -293,7 +312,8 @@ class PystepsReader:
             grid.x = float(metadata["x1"]) + (np.arange(width) + 0.5) * float(metadata["xpixelsize"])
             grid.y = float(metadata["y2"]) - (np.arange(height) + 0.5) * float(metadata["ypixelsize"])
         units = str(metadata.get("unit", ""))
-        return Frame(path, time_from_name(path), self.name, self.name, units, height, width, grid)
+        period = float(metadata["accutime"]) if metadata.get("accutime") else None
+        return Frame(path, time_from_name(path), self.name, self.name, units, height, width, grid, period)
 
     def read(self, path: str, frame: Frame, region: Region | None = None) -> np.ndarray:
         """pysteps' importers read whole files: the region is cut afterwards."""
@@ -394,6 +414,21 @@ class Archive:
         self.timestep_minutes = step.total_seconds() / 60
         self.sequences = len(self.segments)
         self.steps = min(length for _, length in self.segments)
+        self.per_hour = self._per_hour(frames)
+
+    def _per_hour(self, frames: list[Frame]) -> list[float] | None:
+        """Per frame, the factor from its depth to a rate in mm/h (60 / its period: the file's own, else the time
+        step); None where the frames are not depths, or a period is unknown (one file that does not say)."""
+        if self.units.strip().lower() not in DEPTH_UNITS:
+            return None
+        periods = [frame.accumulation_minutes or self.timestep_minutes for frame in frames]
+        if not all(periods):
+            log.info("%s: accumulations in %s over a period no file gives: read as they are", self.label, self.units)
+            return None
+        shown = ", ".join(f"{period:g}" for period in sorted(set(periods)))
+        log.info("%s: %s-minute accumulations in %s, read as rain rates in mm/h", self.label, shown, self.units)
+        self.units = "mm/h"
+        return [60 / period for period in periods]
 
     def _reader(self, path: str):
         if self.importer:
@@ -456,12 +491,13 @@ class Archive:
         frame = self.frames[index]
         reader = self._reader(frame.path)
         if isinstance(reader, PystepsReader):
-            return reader.read(frame.path, frame, region)
-        try:
-            with h5py.File(frame.path, "r") as file:
-                values = reader.read(file, frame, region)
-        except OSError as error:
-            raise UserError(f"{frame.path}: cannot read {frame.field} ({error})") from None
-        if np.isinf(values).any():
-            raise UserError(f"{frame.path}: {frame.field} decodes to infinite values")
-        return values
+            values = reader.read(frame.path, frame, region)
+        else:
+            try:
+                with h5py.File(frame.path, "r") as file:
+                    values = reader.read(file, frame, region)
+            except OSError as error:
+                raise UserError(f"{frame.path}: cannot read {frame.field} ({error})") from None
+            if np.isinf(values).any():
+                raise UserError(f"{frame.path}: {frame.field} decodes to infinite values")
+        return values if self.per_hour is None else values * np.float32(self.per_hour[index])

@@ -124,6 +124,28 @@ def test_the_field_is_picked_by_quantity_and_quality_fields_are_left_aside(tmp_p
         archives.Archive([path], "ACRR")
 
 
+def test_accumulations_are_read_as_rain_rates_over_their_period(tmp_path):
+    """ACRR in mm over five minutes is 12 times that in mm/h, so the rain transform's 0.1 mm/h threshold means
+    0.1 mm/h; a file that gives its own period (start and end) is converted by it, not by the time step."""
+    raw = np.arange(12, dtype=np.uint16).reshape(3, 4) * 7
+    paths = [
+        write_odim(tmp_path / f"{k}.h5", START + timedelta(minutes=5 * k), raw, quantity="ACRR", gain=0.01)
+        for k in range(3)
+    ]
+    with h5py.File(paths[2], "a") as file:
+        file["dataset1/what"].attrs.update(
+            {"startdate": b"20210704", "starttime": b"145500", "enddate": b"20210704", "endtime": b"151000"}
+        )
+    source = open_frames([str(tmp_path)], None)
+    assert (source.quantity, source.units, source.timestep_minutes) == ("ACRR", "mm/h", 5)
+    frames = source.read(0, 0, 3)[:, 0]
+    np.testing.assert_allclose(frames[0], raw * 0.01 * 12, rtol=1e-6)  # the time step: 5 minutes
+    np.testing.assert_allclose(frames[2], raw * 0.01 * 4, rtol=1e-6)  # its own: 15 minutes
+    alone = archives.Archive([paths[0]])  # one file that does not say over how long: left in mm
+    assert alone.units == "mm"
+    np.testing.assert_allclose(alone.read_frame(0), raw * 0.01, rtol=1e-6)
+
+
 def test_cf_values_use_scale_offset_fill_and_valid_range(tmp_path):
     raw = np.array([[0, 10, 500], [501, 65535, 250]], dtype=np.uint16)
     path = write_cf(tmp_path / "c.nc", START, raw, scale_factor=np.float32(0.1), add_offset=np.float32(1.0),
@@ -352,16 +374,17 @@ def test_importer_reads_files_through_pysteps_get_method(tmp_path, monkeypatch):
     def fake_importer(path, **kwargs):
         calls.append(path)
         values = np.load(path)
-        return values, None, {"unit": "mm", "projection": "+proj=stere", "x1": 0.0, "y2": 100.0,
-                              "xpixelsize": 10.0, "ypixelsize": 10.0, "yorigin": "upper"}  # fmt: skip
+        return values, None, {"unit": "mm", "accutime": 10.0, "projection": "+proj=stere", "x1": 0.0,
+                              "y2": 100.0, "xpixelsize": 10.0, "ypixelsize": 10.0, "yorigin": "upper"}  # fmt: skip
 
     monkeypatch.setattr(pysteps_io, "get_method", lambda name, kind: fake_importer)
     for minute in (10, 0, 5):
         np.save(tmp_path / f"RAD_{(START + timedelta(minutes=minute)):%Y%m%d%H%M}.npy", np.full((4, 6), minute, float))
     source = open_frames([str(tmp_path / "*.npy")], None, importer="fake")
-    assert source.units == "mm" and source.timestep_minutes == 5 and (source.height, source.width) == (4, 6)
+    assert source.units == "mm/h" and source.timestep_minutes == 5 and (source.height, source.width) == (4, 6)
     assert source.dataset == "fake"  # the importer names what is read
-    assert [float(source.read(0, k, 1).max()) for k in range(3)] == [0.0, 5.0, 10.0]
+    # in time order, and 10-minute accumulations (the importer's accutime, not the time step) as mm/h
+    assert [float(source.read(0, k, 1).max()) for k in range(3)] == [0.0, 30.0, 60.0]
     assert source.georeference.x[0] == 5.0 and source.georeference.y[0] == 95.0
 
 
@@ -429,5 +452,6 @@ def test_real_knmi_archive_through_the_pysteps_importer():
     assert (len(source.frames), source.height, source.width, source.timestep_minutes) == (92, 765, 700, 5)
     with h5py.File(source.frames[40].path) as file:
         raw = file["image1/image_data"][()]
-    expected = np.where(raw == 65535, np.nan, raw * 0.01)
-    np.testing.assert_allclose(source.read(0, 40, 1)[0, 0], expected, atol=1e-6)
+    expected = np.where(raw == 65535, np.nan, raw * 0.01 * 12)  # mm per 5 minutes, read as mm/h
+    assert source.units == "mm/h"
+    np.testing.assert_allclose(source.read(0, 40, 1)[0, 0], expected, atol=1e-5)
