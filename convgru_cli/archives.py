@@ -39,8 +39,8 @@ ODIM_QUANTITIES = {
     "ACRR": ("mm", 0.0),
 }
 TIME_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
-# Units of a rain depth: an accumulation, read as the rain rate over its period (mm/h), as pysteps nowcasts do, so
-# that the rain transform's threshold (0.1 mm/h) and every score's threshold mean the same on any archive.
+# Units of a rain depth: an accumulation, read as the rain rate over its period (mm/h) where the files give it, as
+# pysteps nowcasts do, so that the rain transform's threshold (0.1 mm/h) and the scores' mean the same on any archive.
 DEPTH_UNITS = {"mm", "kg m-2"}
 
 
@@ -417,13 +417,14 @@ class Archive:
         self.per_hour = self._per_hour(frames)
 
     def _per_hour(self, frames: list[Frame]) -> list[float] | None:
-        """Per frame, the factor from its depth to a rate in mm/h (60 / its period: the file's own, else the time
-        step); None where the frames are not depths, or a period is unknown (one file that does not say)."""
+        """Per frame, the factor from its depth to a rate in mm/h (60 / the period the file gives); None where
+        the frames are not depths, or not every file says over how long (NWC SAF's hourly sums come every 15
+        minutes: the time step is no guide)."""
         if self.units.strip().lower() not in DEPTH_UNITS:
             return None
-        periods = [frame.accumulation_minutes or self.timestep_minutes for frame in frames]
+        periods = [frame.accumulation_minutes for frame in frames]
         if not all(periods):
-            log.info("%s: accumulations in %s over a period no file gives: read as they are", self.label, self.units)
+            log.info("%s: depths in %s over a period the files do not give: read as they are", self.label, self.units)
             return None
         shown = ", ".join(f"{period:g}" for period in sorted(set(periods)))
         log.info("%s: %s-minute accumulations in %s, read as rain rates in mm/h", self.label, shown, self.units)

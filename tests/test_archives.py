@@ -126,24 +126,29 @@ def test_the_field_is_picked_by_quantity_and_quality_fields_are_left_aside(tmp_p
 
 def test_accumulations_are_read_as_rain_rates_over_their_period(tmp_path):
     """ACRR in mm over five minutes is 12 times that in mm/h, so the rain transform's 0.1 mm/h threshold means
-    0.1 mm/h; a file that gives its own period (start and end) is converted by it, not by the time step."""
+    0.1 mm/h; each file by its own period (start to end), whatever the time step. Depths over a period some file
+    does not give stay in mm."""
     raw = np.arange(12, dtype=np.uint16).reshape(3, 4) * 7
-    paths = [
-        write_odim(tmp_path / f"{k}.h5", START + timedelta(minutes=5 * k), raw, quantity="ACRR", gain=0.01)
-        for k in range(3)
-    ]
-    with h5py.File(paths[2], "a") as file:
-        file["dataset1/what"].attrs.update(
-            {"startdate": b"20210704", "starttime": b"145500", "enddate": b"20210704", "endtime": b"151000"}
-        )
+    paths = []
+    for k, minutes in enumerate([5, 5, 15]):
+        end = START + timedelta(minutes=5 * k)
+        path = write_odim(tmp_path / f"{k}.h5", end, raw, quantity="ACRR", gain=0.01)
+        with h5py.File(path, "a") as file:
+            edges = {"start": end - timedelta(minutes=minutes), "end": end}
+            for edge, moment in edges.items():
+                file["dataset1/what"].attrs[f"{edge}date"] = np.bytes_(moment.strftime("%Y%m%d"))
+                file["dataset1/what"].attrs[f"{edge}time"] = np.bytes_(moment.strftime("%H%M%S"))
+        paths.append(path)
     source = open_frames([str(tmp_path)], None)
     assert (source.quantity, source.units, source.timestep_minutes) == ("ACRR", "mm/h", 5)
     frames = source.read(0, 0, 3)[:, 0]
-    np.testing.assert_allclose(frames[0], raw * 0.01 * 12, rtol=1e-6)  # the time step: 5 minutes
-    np.testing.assert_allclose(frames[2], raw * 0.01 * 4, rtol=1e-6)  # its own: 15 minutes
-    alone = archives.Archive([paths[0]])  # one file that does not say over how long: left in mm
-    assert alone.units == "mm"
-    np.testing.assert_allclose(alone.read_frame(0), raw * 0.01, rtol=1e-6)
+    np.testing.assert_allclose(frames[0], raw * 0.01 * 12, rtol=1e-6)
+    np.testing.assert_allclose(frames[2], raw * 0.01 * 4, rtol=1e-6)
+    with h5py.File(paths[1], "a") as file:
+        del file["dataset1/what"].attrs["enddate"]
+    unsaid = archives.Archive(paths)
+    assert unsaid.units == "mm"
+    np.testing.assert_allclose(unsaid.read_frame(0), raw * 0.01, rtol=1e-6)
 
 
 def test_cf_values_use_scale_offset_fill_and_valid_range(tmp_path):
