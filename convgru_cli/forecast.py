@@ -120,6 +120,12 @@ class Forecaster:
                 f"{config.channels}"
             )
         config.check_frame_size(source.label, source.height, source.width)
+        trained, given = self.normalisation.units.strip(), source.units.strip()
+        if trained and given and trained.lower() != given.lower():
+            log.warning(
+                "%s: values in %s, but %s was trained on values in %s; they are read as if in %s",
+                source.label, given, self.checkpoint_path, trained, trained,
+            )  # fmt: skip
 
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor | np.ndarray, frames: int) -> torch.Tensor:

@@ -313,6 +313,24 @@ def test_validation_on_another_event_and_a_warning_when_the_held_out_part_is_dry
     assert f"{wrong}:frames: layout THW has 3 axes" in refused.stderr
 
 
+def test_data_in_other_units_than_the_model_was_trained_on_is_said(tmp_path):
+    """An archive of accumulations read as mm/h by a model trained on them in mm (before they were read as rates),
+    or any file in other units: the forecast would be off by the factor between them, so predict says so."""
+    rng = np.random.default_rng(2)
+    rates = write_h5(tmp_path / "rates.h5", (5 * rng.random((12, 16, 16))).astype(np.float32), units="mm/h")
+    depths = write_h5(tmp_path / "depths.h5", (rng.random((6, 16, 16))).astype(np.float32), units="mm")
+    arguments = ["--input-frames", "3", "--output-frames", "2", "--batch-size", "4", "--device", "cpu", "--epochs", "1"]
+    trained = runner.invoke(app, ["train", rates, *arguments, "--val-fraction", "0", "--out", str(tmp_path / "r")])
+    assert trained.exit_code == 0, trained.output
+    model = str(tmp_path / "r" / "last.pt")
+    predict = ["predict", "--checkpoint", model, "--frames", "2", "-o"]
+    same = runner.invoke(app, [*predict, str(tmp_path / "a.h5"), rates])
+    assert same.exit_code == 0 and "trained on values in" not in same.stderr, same.output
+    other = runner.invoke(app, [*predict, str(tmp_path / "b.h5"), depths])
+    assert other.exit_code == 0, other.output
+    assert f"{depths}:frames: values in mm, but {model} was trained on values in mm/h" in other.stderr
+
+
 def test_no_validation_split_keeps_the_last_epoch_as_best(tmp_path):
     data = write_h5(tmp_path / "d.h5", moving_digits(8, 6, font_glyphs(), size=32, digits=1, seed=13))
     result = runner.invoke(
