@@ -59,7 +59,8 @@ def main() -> None:
             run_dir = os.path.join(folder, f"run-{budget:g}")
             config = dataclasses.replace(train.TrainConfig(epochs=1000, max_time=budget), **options)
             spec = DataSpec(dataset=None, layout=None, val_fraction=0.05)
-            summary = train.train(train_path, spec, make_config(args.arch, 1, forecaster=args.forecaster), config, run_dir, show_progress=False)
+            model_config = make_config(args.arch, 1, forecaster=args.forecaster)
+            summary = train.train(train_path, spec, model_config, config, run_dir, show_progress=False)
             last = torch.load(summary["last_checkpoint"], weights_only=True)["progress"]
             # the baselines do not depend on the budget: score them once (the optical flow takes minutes)
             report = evaluate_file([test_path], summary["last_checkpoint"], with_baselines=not baselines)
@@ -83,7 +84,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"arch {args.arch}, {args.forecaster} forecaster {' '.join(args.set)}; {result['machine']}; {args.test_sequences} test sequences")
+    described = f"arch {args.arch}, {args.forecaster} forecaster {' '.join(args.set)}"
+    print(f"{described}; {result['machine']}; {args.test_sequences} test sequences")
     print("MSE: per-frame sum on [0, 1]")
     print(f"{'budget':>8}{'sequences':>11}{'MSE':>8}{'SSIM':>7}")
     for row in rows:

@@ -184,7 +184,8 @@ class CfReader:
         variable = file[name]
         height, width = variable.shape
         units = text_attribute(variable, "units")
-        return Frame(path, self._time(file, path), name, name, units, height, width, self._grid(file, variable))
+        grid = self._grid(file, variable)
+        return Frame(path, self._time(file, path), name, name, units, height, width, grid, self._period(file, path))
 
     def read(self, file: h5py.File, frame: Frame, region: Region | None = None) -> np.ndarray:
         variable = file[frame.field]
@@ -221,15 +222,30 @@ class CfReader:
         return mapped or fields
 
     @staticmethod
-    def _time(file: h5py.File, path: str) -> datetime:
+    def _time_variable(file: h5py.File) -> h5py.Dataset | None:
         names = [n for n in dataset_names(file) if n == "time" or text_attribute(file[n], "standard_name") == "time"]
-        if names:
-            return cf_time(file[names[0]], path)
+        return file[names[0]] if names else None
+
+    def _time(self, file: h5py.File, path: str) -> datetime:
+        time = self._time_variable(file)
+        if time is not None:
+            return cf_time(time, path)
         nominal = text_attribute(file, "nominal_product_time")
         try:
             return as_utc(datetime.fromisoformat(nominal))
         except ValueError:
             raise UserError(f"{path}: no time variable and no nominal_product_time attribute") from None
+
+    def _period(self, file: h5py.File, path: str) -> float | None:
+        """Minutes between the time variable's ``bounds`` (CF: the interval a sum covers), where it has them."""
+        time = self._time_variable(file)
+        bounds = text_attribute(time, "bounds") if time is not None else ""
+        if not bounds or bounds not in file:
+            return None
+        edges = np.atleast_1d(file[bounds][()]).astype(np.float64).ravel()
+        unit_seconds = TIME_UNITS[_time_units(time, path).group(1)]
+        minutes = (edges[-1] - edges[0]) * unit_seconds / 60 if edges.size >= 2 else 0.0
+        return minutes if minutes > 0 else None
 
     @staticmethod
     def _grid(file: h5py.File, variable: h5py.Dataset) -> Georeference:
@@ -252,16 +268,22 @@ def _valid_range(attrs) -> tuple[float | None, float | None]:
     return tuple(None if bound is None else float(np.atleast_1d(bound)[0]) for bound in (low, high))
 
 
-def cf_time(variable: h5py.Dataset, path: str) -> datetime:
-    """The first value of a CF time variable ("<unit>s since <time>") as a UTC datetime."""
+def _time_units(variable: h5py.Dataset, path: str) -> re.Match:
+    """``units`` of a CF time variable as (unit, origin) groups."""
     units = text_attribute(variable, "units")
     match = re.fullmatch(r"\s*(second|minute|hour|day)s?\s+since\s+(.+?)\s*", units)
     if not match:
         raise UserError(f"{path}: time units {units!r} are not '<seconds|minutes|hours|days> since <time>'")
+    return match
+
+
+def cf_time(variable: h5py.Dataset, path: str) -> datetime:
+    """The first value of a CF time variable ("<unit>s since <time>") as a UTC datetime."""
+    match = _time_units(variable, path)
     try:
         origin = as_utc(datetime.fromisoformat(match.group(2).replace(" UTC", "").replace("Z", "+00:00")))
     except ValueError:
-        raise UserError(f"{path}: cannot read the time origin in {units!r}") from None
+        raise UserError(f"{path}: cannot read the time origin in {match.group(0)!r}") from None
     value = float(np.atleast_1d(variable[()])[0])
     return origin + timedelta(seconds=value * TIME_UNITS[match.group(1)])
 

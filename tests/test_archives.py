@@ -151,6 +151,25 @@ def test_accumulations_are_read_as_rain_rates_over_their_period(tmp_path):
     np.testing.assert_allclose(unsaid.read_frame(0), raw * 0.01, rtol=1e-6)
 
 
+def test_cf_accumulations_are_read_as_rates_over_their_time_bounds(tmp_path):
+    """CF's way of saying what a sum covers: the time variable's ``bounds``. Without them (NWC SAF's hourly sums,
+    every 15 minutes) the depths stay in mm."""
+    raw = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for k in range(2):
+        path = write_cf(tmp_path / f"{k}.nc", START + timedelta(minutes=15 * k), raw, name="amount", units="mm")
+        with h5py.File(path, "a") as file:
+            file["time"].attrs["bounds"] = np.bytes_("time_bnds")
+            end = float(file["time"][0])
+            file.create_dataset("time_bnds", data=[[end - 60, end]])  # minutes: an hourly sum
+    source = open_frames([str(tmp_path)], None)
+    assert (source.units, source.timestep_minutes) == ("mm/h", 15)
+    np.testing.assert_allclose(source.read(0, 1, 1)[0, 0], raw, rtol=1e-6)
+    for k in range(2):
+        with h5py.File(tmp_path / f"{k}.nc", "a") as file:
+            del file["time"].attrs["bounds"]
+    assert open_frames([str(tmp_path)], None).units == "mm"
+
+
 def test_cf_values_use_scale_offset_fill_and_valid_range(tmp_path):
     raw = np.array([[0, 10, 500], [501, 65535, 250]], dtype=np.uint16)
     path = write_cf(tmp_path / "c.nc", START, raw, scale_factor=np.float32(0.1), add_offset=np.float32(1.0),
