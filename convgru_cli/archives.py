@@ -113,8 +113,7 @@ class OdimReader:
             )
         except (KeyError, ValueError):
             return None
-        minutes = (end - start).total_seconds() / 60
-        return minutes if minutes > 0 else None
+        return (end - start).total_seconds() / 60
 
     @staticmethod
     def _fields(file: h5py.File) -> list[str]:
@@ -184,8 +183,10 @@ class CfReader:
         variable = file[name]
         height, width = variable.shape
         units = text_attribute(variable, "units")
+        time = self._time_variable(file)
         grid = self._grid(file, variable)
-        return Frame(path, self._time(file, path), name, name, units, height, width, grid, self._period(file, path))
+        period = self._period(file, time, path)
+        return Frame(path, self._time(file, time, path), name, name, units, height, width, grid, period)
 
     def read(self, file: h5py.File, frame: Frame, region: Region | None = None) -> np.ndarray:
         variable = file[frame.field]
@@ -226,8 +227,8 @@ class CfReader:
         names = [n for n in dataset_names(file) if n == "time" or text_attribute(file[n], "standard_name") == "time"]
         return file[names[0]] if names else None
 
-    def _time(self, file: h5py.File, path: str) -> datetime:
-        time = self._time_variable(file)
+    @staticmethod
+    def _time(file: h5py.File, time: h5py.Dataset | None, path: str) -> datetime:
         if time is not None:
             return cf_time(time, path)
         nominal = text_attribute(file, "nominal_product_time")
@@ -236,16 +237,16 @@ class CfReader:
         except ValueError:
             raise UserError(f"{path}: no time variable and no nominal_product_time attribute") from None
 
-    def _period(self, file: h5py.File, path: str) -> float | None:
+    @staticmethod
+    def _period(file: h5py.File, time: h5py.Dataset | None, path: str) -> float | None:
         """Minutes between the time variable's ``bounds`` (CF: the interval a sum covers), where it has them."""
-        time = self._time_variable(file)
         bounds = text_attribute(time, "bounds") if time is not None else ""
         if not bounds or bounds not in file:
             return None
         edges = np.atleast_1d(file[bounds][()]).astype(np.float64).ravel()
-        unit_seconds = TIME_UNITS[_time_units(time, path).group(1)]
-        minutes = (edges[-1] - edges[0]) * unit_seconds / 60 if edges.size >= 2 else 0.0
-        return minutes if minutes > 0 else None
+        if edges.size < 2:
+            return None
+        return (edges[-1] - edges[0]) * TIME_UNITS[_time_units(time, path).group(1)] / 60
 
     @staticmethod
     def _grid(file: h5py.File, variable: h5py.Dataset) -> Georeference:
@@ -437,20 +438,21 @@ class Archive:
         self.sequences = len(self.segments)
         self.steps = min(length for _, length in self.segments)
         self.per_hour = self._per_hour(frames)
+        if self.per_hour is not None:
+            self.units = "mm/h"
 
     def _per_hour(self, frames: list[Frame]) -> list[float] | None:
         """Per frame, the factor from its depth to a rate in mm/h (60 / the period the file gives); None where
-        the frames are not depths, or not every file says over how long (NWC SAF's hourly sums come every 15
+        the frames are not depths, or not every file gives a positive period (NWC SAF's hourly sums come every 15
         minutes: the time step is no guide)."""
         if self.units.strip().lower() not in DEPTH_UNITS:
             return None
         periods = [frame.accumulation_minutes for frame in frames]
-        if not all(periods):
+        if not all(period is not None and period > 0 for period in periods):
             log.info("%s: depths in %s over a period the files do not give: read as they are", self.label, self.units)
             return None
         shown = ", ".join(f"{period:g}" for period in sorted(set(periods)))
         log.info("%s: %s-minute accumulations in %s, read as rain rates in mm/h", self.label, shown, self.units)
-        self.units = "mm/h"
         return [60 / period for period in periods]
 
     def _reader(self, path: str):
