@@ -3,6 +3,7 @@
     python benchmarks/bench_radar.py                       # train 10 minutes on KNMI, score on the RMI archive
     python benchmarks/bench_radar.py --checkpoint RUN/best.pt   # score a trained model only
     python benchmarks/bench_radar.py --train-option=--loss --train-option=balanced
+    python benchmarks/bench_radar.py --checkpoint RUN/last.pt --matching none   # a balanced model unmatched
 
 The model is scored beside persistence, the built-in extrapolation (which the anchored forecaster starts
 from) and, where pysteps is installed, pysteps' Lucas–Kanade + semi-Lagrangian extrapolation, per lead time:
@@ -82,8 +83,10 @@ class Tally:
         return np.percentile(np.concatenate(self.values, axis=1), 99.9, axis=1)
 
 
-def score(checkpoint: str, test_file: str, inputs: int, leads: int, batch: int = 4) -> dict[str, Tally]:
-    forecaster = Forecaster.load(checkpoint, device="cpu")
+def score(
+    checkpoint: str, test_file: str, inputs: int, leads: int, batch: int = 4, matching: str = "auto"
+) -> dict[str, Tally]:
+    forecaster = Forecaster.load(checkpoint, device="cpu", matching=matching)
     series = torch.from_numpy(h5py.File(test_file, "r")["frames"][:]).float()
     starts = list(range(len(series) - inputs - leads + 1))
     tallies: dict[str, Tally] = {}
@@ -135,6 +138,7 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=6)
     parser.add_argument("--leads", type=int, default=6)
     parser.add_argument("--train-option", action="append", default=[], help="extra option for convgru train")
+    parser.add_argument("--matching", default="auto", help="the model's probability matching (auto, none, cdf)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         test_file = stack_odim(args.test, os.path.join(scratch, "test.h5"))
@@ -155,8 +159,9 @@ def main() -> None:
             if open(checkpoints[0], "rb").read() == open(checkpoints[1], "rb").read():
                 checkpoints = checkpoints[1:]  # the last epoch was the best (or nothing was held out)
         for checkpoint in checkpoints:
-            tallies = score(checkpoint, test_file, args.inputs, args.leads)
-            print(f"train {args.train} -> test {args.test}, {args.inputs} -> {args.leads} frames, {checkpoint}")
+            tallies = score(checkpoint, test_file, args.inputs, args.leads, matching=args.matching)
+            print(f"train {args.train} -> test {args.test}, {args.inputs} -> {args.leads} frames, {checkpoint}, "
+                  f"matching {args.matching}")  # fmt: skip
             print(table(tallies))
 
 

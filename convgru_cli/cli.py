@@ -188,6 +188,7 @@ def predict(
     precision: options.PrecisionOpt = "auto",
     compile: options.CompileOpt = False,
     memory_budget: options.MemoryBudgetOpt = None,
+    matching: options.MatchingOpt = "auto",
     png: Annotated[str | None, typer.Option(help="Draw inputs | truth | forecast of one sequence as a PNG.")] = None,
     gif: Annotated[str | None, typer.Option(help="The same as an animated GIF, one frame per lead time.")] = None,
     picture_sequence: Annotated[int, typer.Option(help="Which sequence --png/--gif draw.")] = 0,
@@ -214,6 +215,7 @@ def predict(
         compile=compile,
         importer=importer,
         memory_budget=options.memory_budget(memory_budget),
+        matching=matching,
     )
     log.info(
         "forecast %s from %s written to %s", "x".join(map(str, result["shape"])), result["checkpoint"], result["output"]
@@ -247,6 +249,7 @@ def evaluate(
     precision: options.PrecisionOpt = "auto",
     compile: options.CompileOpt = False,
     memory_budget: options.MemoryBudgetOpt = None,
+    matching: options.MatchingOpt = "auto",
     as_json: options.JsonOpt = False,
     csv: Annotated[str | None, typer.Option(help="Also write method,metric,lead_time,value rows here.")] = None,
     plot: Annotated[str | None, typer.Option(help="Also draw each score against lead time (PNG).")] = None,
@@ -272,6 +275,8 @@ def evaluate(
             raise UserError("--forecast needs --truth FILE (and no DATA argument)")
         if compile:
             raise UserError("--compile: --forecast scores a file, there is no model to compile")
+        if matching != "auto":
+            raise UserError("--matching: --forecast scores a file as it is, there is no model's forecast to match")
         report = verification.evaluate_forecasts(
             forecast_path=forecast, truth_path=truth, truth_start=truth_start, **scoring
         )
@@ -285,6 +290,7 @@ def evaluate(
             with_baselines=baselines,
             compile=compile,
             importer=importer,
+            matching=matching,
             **scoring,
         )
     if not main_process():

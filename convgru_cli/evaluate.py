@@ -110,16 +110,19 @@ def evaluate_file(
     compile: bool = False,
     importer: str | None = None,
     memory_budget: int | None = None,
+    matching: str = "auto",
 ) -> dict:
     """Scores as ``{"lead_times": [...], "scores": {method: {metric: [...]}}, "mean": {method: {metric: x}}}``
     for method in model, persistence, optical_flow, climatology (the model alone without ``with_baselines``).
     ``memory_budget`` (bytes) bounds the windows held at once (``sequences_per_batch``) and each run of the
-    model (Forecaster.predict)."""
+    model (Forecaster.predict). ``matching``: the model's probability matching (postprocessing.py)."""
     check_scoring(thresholds, fss_scales, zr)
     if split not in ("all", "val"):
         raise UserError(f"--split {split}: choose all or val")
     check_exists(data_paths or [])
-    forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision, compile, memory_budget)
+    forecaster = Forecaster.load(
+        checkpoint_path or checkpoint.newest_best(), device, precision, compile, memory_budget, matching
+    )
     source = forecaster.open_inputs(data_paths, dataset, layout, importer)  # None: standard input
     rank, world = distributed.setup(forecaster.device)
     spec = forecaster.spec
@@ -162,7 +165,7 @@ def evaluate_file(
     )
     distributed.finish()
     report = _report(", ".join(data_paths or ["<stdin>"]), source, len(chosen), spec.output_frames, per_lead, mean)
-    return {"checkpoint": forecaster.checkpoint_path, **report}
+    return {"checkpoint": forecaster.checkpoint_path, "matching": forecaster.matching, **report}
 
 
 def evaluate_forecasts(

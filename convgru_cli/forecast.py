@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import torch
 
-from convgru_cli import __version__, archives, checkpoint, distributed
+from convgru_cli import __version__, archives, checkpoint, distributed, postprocessing
 from convgru_cli.atomic import atomic_path, hdf5_bytes, refuse_existing
 from convgru_cli.device import autocast, compile_failure, compile_for, pad_batch, pick_device, pick_precision
 from convgru_cli.errors import UserError
@@ -42,6 +42,7 @@ class Forecaster:
     checkpoint_path: str
     compiled_batch: int = 0  # compiled: the batch size of the first call, to which smaller batches are padded
     memory_budget: int | None = None  # bytes a run of the model may take; None: DEFAULT_BUDGET, or the smallest tile
+    matching: str = "none"  # probability matching to the last input frame (postprocessing.py): none or cdf
 
     @classmethod
     def load(
@@ -51,6 +52,7 @@ class Forecaster:
         precision: str = "auto",
         compile: bool = False,
         memory_budget: int | None = None,
+        matching: str = "auto",
     ) -> Forecaster:
         torch_device = distributed.process_device(pick_device(device))
         saved = checkpoint.load(path, map_location=torch_device)
@@ -58,6 +60,11 @@ class Forecaster:
         model = EncoderForecaster(model_config)
         model.load_state_dict(saved["model"])
         model.to(torch_device).eval()
+        loss = saved["train_config"].get("loss", "")
+        resolved = postprocessing.resolve(matching, loss)
+        if matching == "auto" and resolved != "none":
+            log.info("%s was trained with --loss %s: forecasts are matched to the last observed frame's values "
+                     "(--matching %s; none to turn off)", path, loss, resolved)  # fmt: skip
         return cls(
             model=model,
             network=compile_for(model, torch_device) if compile else model,
@@ -67,6 +74,7 @@ class Forecaster:
             precision=pick_precision(precision, torch_device),
             checkpoint_path=path,
             memory_budget=memory_budget,
+            matching=resolved,
         )
 
     def read_frames(self, file: h5py.File, dataset: str | None, layout: str | None) -> StackedFrames:
@@ -130,7 +138,8 @@ class Forecaster:
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor | np.ndarray, frames: int) -> torch.Tensor:
         """Raw input frames [B, T, C, H, W] (tensor or array) -> forecast [B, frames, C, H, W], float32 in data
-        units: as many sequences at a time as fit the memory budget, or one in tiles (tiling.py)."""
+        units: as many sequences at a time as fit the memory budget, or one in tiles (tiling.py); probability
+        matched to the last input frame where ``matching`` says so."""
         inputs = torch.as_tensor(inputs)
         batch, steps, channels, height, width = inputs.shape
         pixels = (self.memory_budget or DEFAULT_BUDGET) // bytes_per_pixel(self.model.config, steps, frames)
@@ -139,10 +148,12 @@ class Forecaster:
             chunk = max(1, pixels // (height * width))
             for first in range(0, batch, chunk):
                 forecast[first : first + chunk] = self._predict(inputs[first : first + chunk], frames)
-            return forecast
-        tile, multiple = self._tile(pixels, steps, frames), self.model.config.size_multiple
-        for b in range(batch):
-            predict_tiled(self._runner(frames), inputs[b : b + 1], frames, tile, multiple, out=forecast[b : b + 1])
+        else:
+            tile, multiple = self._tile(pixels, steps, frames), self.model.config.size_multiple
+            for b in range(batch):
+                predict_tiled(self._runner(frames), inputs[b : b + 1], frames, tile, multiple, out=forecast[b : b + 1])
+        if self.matching == "cdf":
+            postprocessing.match_cdf(forecast, inputs[:, -1].to(self.device))
         return forecast
 
     def _runner(self, frames: int):
@@ -232,13 +243,14 @@ def predict_file(
     compile: bool = False,
     importer: str | None = None,
     memory_budget: int | None = None,
+    matching: str = "auto",
 ) -> dict:
     """Forecast ``frames`` steps after the last input window of every sequence (or the window at ``start``).
 
     ``data_path`` None reads standard input; ``output`` None writes standard output. ``png`` and ``gif`` draw
     sequence ``picture_sequence``: its inputs, the truth where the file holds it, and the forecast.
     ``memory_budget`` (bytes) bounds a run of the model (Forecaster.predict); the file is written a batch at a
-    time."""
+    time. ``matching``: probability matching (postprocessing.py)."""
     if frames < 1:
         raise UserError(f"--frames {frames}: must be at least 1")
     check_batch_size(batch_size)
@@ -246,7 +258,9 @@ def predict_file(
         raise UserError("refusing to write HDF5 to a terminal: use -o FILE or redirect standard output")
     refuse_existing([output, png, gif], force)
     check_exists([data_path])
-    forecaster = Forecaster.load(checkpoint_path or checkpoint.newest_best(), device, precision, compile, memory_budget)
+    forecaster = Forecaster.load(
+        checkpoint_path or checkpoint.newest_best(), device, precision, compile, memory_budget, matching
+    )
     source = forecaster.open_inputs([data_path] if data_path not in (None, "-") else None, dataset, layout, importer)
     spec = forecaster.spec
     sequences, first = _inputs_at(source, start, spec.input_frames)
@@ -264,6 +278,7 @@ def predict_file(
         "input_dataset": source.dataset,
         "input_frames": f"{offset + first}..{offset + first + spec.input_frames - 1}",  # as the frames are stored
         "model_config": json.dumps(forecaster.model.config.to_dict()),
+        "matching": forecaster.matching,
         "timestep_minutes": source.timestep_minutes,
     }
     valid = _valid_times(times, first + spec.input_frames - 1, frames, source.timestep_minutes)

@@ -66,6 +66,13 @@ MemoryBudgetOpt = Annotated[
         show_default=False,
     ),
 ]
+MatchingOpt = Annotated[
+    str,
+    typer.Option(
+        help="Probability matching of the model's forecast to the last observed frame's values: cdf, none; auto: "
+        "cdf for a model trained with --loss balanced (which grows rain with lead time), none otherwise."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 # train's own
