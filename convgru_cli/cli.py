@@ -95,7 +95,7 @@ def train(
     ] = None,
     arch: options.ArchOpt = "fast",
     cell: options.CellOpt = "convgru",
-    forecaster: options.ForecasterOpt = "anchored",
+    forecaster: options.ForecasterOpt = "auto",
     epochs: options.EpochsOpt = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per step (per process under torchrun).")] = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = 2e-3,

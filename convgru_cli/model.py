@@ -25,8 +25,9 @@ TRAJGRU_LINKS = 13  # L, the flow fields each TrajGRU state follows (Shi et al. 
 TRAJGRU_FLOW_FEATURES = 32  # channels of the small network that emits them
 # "anchored": each output frame is the previous one carried along a motion field plus a correction, both
 # predicted on top of a classical motion estimate; "shi": Shi et al.'s forecaster, which redraws every frame
-# from hidden state.
+# from hidden state. "auto" is for train to decide by the data (train.data_aware_forecaster).
 FORECASTERS = ("anchored", "shi")
+FORECASTER_CHOICES = ("auto", *FORECASTERS)
 
 log = logging.getLogger("convgru")
 
@@ -60,9 +61,9 @@ class ModelConfig:
             raise UserError("model config: hidden, strides, down_kernels and up_kernels need one entry per level")
         if self.cell not in CELLS:
             raise UserError(f"model config: unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
-        if self.forecaster not in FORECASTERS:
+        if self.forecaster not in FORECASTER_CHOICES:
             raise UserError(
-                f"model config: unknown forecaster {self.forecaster!r}; choose one of {', '.join(FORECASTERS)}"
+                f"model config: unknown forecaster {self.forecaster!r}; choose one of {', '.join(FORECASTER_CHOICES)}"
             )
         if self.activation not in ("tanh", "leaky"):
             raise UserError(f"model config: unknown activation {self.activation!r}; choose tanh or leaky")
@@ -310,6 +311,8 @@ class EncoderForecaster(nn.Module):
 
     def __init__(self, config: ModelConfig, recompute: bool = False):
         super().__init__()
+        if config.forecaster not in FORECASTERS:
+            raise ValueError(f"forecaster {config.forecaster!r}: train decides it by the data before a model is built")
         self.config = config
         # Keep only each step's input frame and state for the backward pass and recompute the rest: the unrolled
         # activations dominate training memory.

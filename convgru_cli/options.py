@@ -15,7 +15,7 @@ import typer
 
 from convgru_cli.device import PRECISIONS
 from convgru_cli.errors import UserError, finite
-from convgru_cli.model import ARCHITECTURES, CELLS, FORECASTERS
+from convgru_cli.model import ARCHITECTURES, CELLS, FORECASTER_CHOICES
 from convgru_cli.sources import NAN_POLICIES
 from convgru_cli.train import LOSSES, TrainConfig
 from convgru_cli.transforms import CHOICES as TRANSFORMS
@@ -84,8 +84,9 @@ CellOpt = Annotated[str, typer.Option(help=f"{one_of(CELLS)}.")]
 ForecasterOpt = Annotated[
     str,
     typer.Option(
-        help=f"{one_of(FORECASTERS)}: anchored carries the last frame along its estimated motion and learns the "
-        "corrections; shi redraws every frame from hidden state (Shi et al. 2017)."
+        help=f"{one_of(FORECASTER_CHOICES)}: anchored carries the last frame along its estimated motion and learns "
+        "the corrections; shi redraws every frame from hidden state (Shi et al. 2017); auto: anchored for rain and "
+        "reflectivity (a --transform other than none), shi for other data such as video."
     ),
 ]
 TransformOpt = Annotated[

@@ -128,6 +128,17 @@ def rain_aware(config: TrainConfig, transform: str) -> TrainConfig:
     )
 
 
+def data_aware_forecaster(model_config: ModelConfig, transform: str) -> ModelConfig:
+    """``model_config`` with forecaster ``auto`` decided by the data: the anchored forecaster for rain and
+    reflectivity (modelled in a transform), Shi's for other data. Trained on one radar's event, the anchored one
+    beat persistence and extrapolation on another radar's, where Shi's painted storms never observed; on Moving
+    MNIST, digits that bounce and cross defeat motion extrapolation and Shi's is ahead (bench_skill at 10
+    minutes: MSE 102.9 against 130.6; benchmarks/README.md)."""
+    if model_config.forecaster != "auto":
+        return model_config
+    return replace(model_config, forecaster="shi" if transform == "none" else "anchored")
+
+
 class Interrupted(Exception):
     """Training stopped by Ctrl-C or SIGTERM after saving a checkpoint to resume from."""
 
@@ -389,7 +400,7 @@ def train(
             source.label,
             100 * normalisation.nan_fraction,
         )
-    model_config = replace(model_config, channels=source.channels)
+    model_config = replace(data_aware_forecaster(model_config, spec.transform), channels=source.channels)
     _check_fits(model_config, data, config.crop)
     if placement.rank == 0:
         _prepare_run_dir(run_dir, force)
@@ -405,6 +416,9 @@ def resume(data_path: str | list[str], run_dir: str, show_progress: bool = True,
     model_config, spec, normalisation = checkpoint.configs(saved)
     if changes.get("transform") == "auto":  # resolved by the data's units when the run began
         changes = {**changes, "transform": transforms.resolve("auto", normalisation.units)}
+    if changes.get("forecaster") == "auto":  # likewise, by the transform
+        auto = replace(model_config, forecaster="auto")
+        changes = {**changes, "forecaster": data_aware_forecaster(auto, spec.transform).forecaster}
     check_resume_changes(changes, saved_options(saved, model_config))
     new_values = {name: value for name, value in changes.items() if name in RESUME_CHANGES}
     config = TrainConfig(**{**saved["train_config"], **new_values})
@@ -764,8 +778,10 @@ def _log_start(run: Run) -> None:
     held_out = len(run.validation[0][1])
     from_files = sum(len(val_windows) for _, val_windows in run.validation[1:])
     log.info(
-        "training %s parameters on %d windows (%d held out%s) on %s, %s, %d process(es); run directory %s",
+        "training %s parameters, the %s forecaster (--forecaster), on %d windows (%d held out%s) on %s, %s, "
+        "%d process(es); run directory %s",
         f"{count_parameters(run.model):,}",
+        run.model_config.forecaster,
         len(run.train_windows),
         held_out,
         f", {from_files} from --val-data" if run.config.val_data else "",

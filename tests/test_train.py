@@ -435,3 +435,15 @@ def test_augmentation_turns_mirrors_reverses_and_rescales_rain_reproducibly():
     assert all(0.5 <= r <= 4 for r in ratios)
     draws = {tuple(train.augmented(batch, seed, rescale=False)[0, 0, 0, 0].tolist()) for seed in range(12)}
     assert len(draws) > 2  # different steps draw different symmetries
+
+
+def test_auto_forecaster_is_anchored_for_rain_and_reflectivity_and_shis_for_other_data():
+    auto = make_config("fast", 1, forecaster="auto")
+    assert train.data_aware_forecaster(auto, "db").forecaster == "anchored"
+    assert train.data_aware_forecaster(auto, "dbz").forecaster == "anchored"
+    assert train.data_aware_forecaster(auto, "log").forecaster == "anchored"
+    assert train.data_aware_forecaster(auto, "none").forecaster == "shi"
+    chosen = make_config("fast", 1, forecaster="anchored")
+    assert train.data_aware_forecaster(chosen, "none").forecaster == "anchored"
+    with pytest.raises(ValueError, match="auto"):
+        EncoderForecaster(auto)
