@@ -49,6 +49,10 @@ REVERSED_SHARE = 0.5
 # pixel-wise loss's blur, which this term answers. At 1 with half the windows backwards, a KNMI-trained model
 # faded the other radar's rain (bias 0.73 at 30 minutes); at 3, it kept it (1.05).
 RAIN_DISTRIBUTION_WEIGHT = 3.0
+# An epoch's training loss this many times the lowest of the epochs before it: the run has most likely diverged.
+# Two of five 10-minute --loss balanced runs on KNMI did, from about 1.4 to 13 within twenty steps, and never came
+# back: the encoder's unbounded (leaky) states grew at every step (benchmarks/README.md, bench_radar, session 17).
+DIVERGED_FACTOR = 4.0
 
 
 @dataclass
@@ -590,6 +594,7 @@ def end_epoch(run: Run, epoch: Epoch) -> bool:
     if run.rank == 0:
         _write_metrics(run.run_dir, record)
         _log_epoch(record, config.epochs, progress.batch, epoch.batches, improved)
+        _warn_if_diverged(progress.history)
     if epoch.out_of_time:
         log.info("stopping: --max-time %gs reached", config.max_time)
         return True
@@ -597,6 +602,21 @@ def end_epoch(run: Run, epoch: Epoch) -> bool:
         log.info("stopping: no better validation loss for %d epochs (--patience)", config.patience)
         return True
     return False
+
+
+def _warn_if_diverged(history: list[dict]) -> None:
+    """Say so, once, when the last epoch's training loss has risen past DIVERGED_FACTOR times the lowest before
+    it: the checkpoints from there on forecast nothing useful, and the run would otherwise go on quietly."""
+    losses = [record["train_loss"] for record in history if record["train_loss"] is not None]
+    if len(losses) < 3:
+        return
+    *before, previous, last = losses
+    if last > DIVERGED_FACTOR * min(*before, previous) and previous <= DIVERGED_FACTOR * min(before):
+        log.warning(
+            "training loss %.4g at step %d is %.0fx the lowest before it (%.4g): the run has likely diverged and "
+            "its checkpoints from here on are not worth using; start again with a lower --lr or another --seed",
+            last, history[-1]["step"], last / min(*before, previous), min(*before, previous),
+        )  # fmt: skip
 
 
 def _validation_due(run: Run, epoch: Epoch) -> bool:

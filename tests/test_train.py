@@ -447,3 +447,19 @@ def test_auto_forecaster_is_anchored_for_rain_and_reflectivity_and_shis_for_othe
     assert train.data_aware_forecaster(chosen, "none").forecaster == "anchored"
     with pytest.raises(ValueError, match="auto"):
         EncoderForecaster(auto)
+
+
+def test_a_diverging_run_is_told_once(caplog):
+    """The training losses per epoch of a --loss balanced run on KNMI that diverged at step 240 (session 17)."""
+    losses = [1.42, 1.53, 1.64, 1.52, 1.37, 1.6, 1.45, 2.31, 5.99, 10.03, 12.64, 10.58]
+    history = []
+    for epoch, loss in enumerate(losses, 1):
+        history.append({"epoch": epoch, "step": 10 * epoch, "train_loss": loss})
+        train._warn_if_diverged(history)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "5.99 at step 90" in warnings[0] and "--lr" in warnings[0]
+    caplog.clear()
+    healthy = [2.5, 1.6, 1.4, 1.9, 1.3, 2.2, 1.2, None, 1.1]  # an epoch cut short by --max-time has no loss
+    for epoch in range(1, len(healthy) + 1):
+        train._warn_if_diverged([{"epoch": e, "step": e, "train_loss": v} for e, v in enumerate(healthy[:epoch], 1)])
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
