@@ -84,15 +84,7 @@ def train(
         str | None,
         typer.Option(help="Train on random crops of SIZE or H,W pixels, drawn anew each epoch; forecasts stay whole."),
     ] = None,
-    augment: Annotated[
-        bool | None,
-        typer.Option(
-            "--augment/--no-augment",
-            help="Turn, mirror, run half backwards in time and (rain) rescale by 1/2 to 4 each training "
-            "window, drawn by the seed [default: on for rain rates, which are modelled in dB; else off].",
-            show_default=False,
-        ),
-    ] = None,
+    augment: options.AugmentOpt = None,
     arch: options.ArchOpt = "fast",
     cell: options.CellOpt = "convgru",
     forecaster: options.ForecasterOpt = "auto",
@@ -105,14 +97,7 @@ def train(
         str, typer.Option(help="--loss balanced: weight below, between, above.")
     ] = "1,2,5,10,30",
     grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this; 0: no clipping.")] = 1.0,
-    distribution_weight: Annotated[
-        float | None,
-        typer.Option(
-            help="Weight of the loss on each frame's sorted values: keeps the observed intensities "
-            "[default: 3 for rain rates, which are modelled in dB; else 0].",
-            show_default=False,
-        ),
-    ] = None,
+    distribution_weight: options.DistributionWeightOpt = None,
     seed: int = 0,
     max_time: Annotated[
         float | None, typer.Option(help="Stop cleanly after this many seconds of training (default: no limit).")

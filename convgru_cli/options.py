@@ -17,7 +17,7 @@ from convgru_cli.device import PRECISIONS
 from convgru_cli.errors import UserError, finite
 from convgru_cli.model import ARCHITECTURES, CELLS, FORECASTER_CHOICES
 from convgru_cli.sources import NAN_POLICIES
-from convgru_cli.train import LOSSES, TrainConfig
+from convgru_cli.train import LOSSES, RAIN_DISTRIBUTION_WEIGHT, REVERSED_SHARE, TrainConfig
 from convgru_cli.transforms import CHOICES as TRANSFORMS
 from convgru_cli.windowing import DataSpec
 
@@ -62,7 +62,7 @@ MemoryBudgetOpt = Annotated[
     str | None,
     typer.Option(
         help="Memory a run of the model may take, e.g. 4GB: whole frames, fewer sequences at a time, or "
-        "overlapping tiles blended back [default: 1GB, or the smallest tile].",
+        "overlapping tiles blended back \\[default: 1GB, or the smallest tile].",
         show_default=False,
     ),
 ]
@@ -96,11 +96,28 @@ TransformOpt = Annotated[
         "for dBZ, none otherwise."
     ),
 ]
+AugmentOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--augment/--no-augment",
+        help=f"Turn, mirror, run {REVERSED_SHARE:.0%} of them backwards in time and (rain) rescale by 1/2 to 4 the "
+        "training windows, drawn by the seed \\[default: on for rain rates, which are modelled in dB; else off].",
+        show_default=False,
+    ),
+]
+DistributionWeightOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Weight of the loss on each frame's sorted values: keeps the observed intensities "
+        f"\\[default: {RAIN_DISTRIBUTION_WEIGHT:g} for rain rates, which are modelled in dB; else 0].",
+        show_default=False,
+    ),
+]
 LossOpt = Annotated[str, typer.Option(help=f"{one_of(LOSSES)} (balanced: Shi 2017, for rain).")]
 EpochsOpt = Annotated[
     int | None,
     typer.Option(
-        help=f"Passes over the training windows [default: {TrainConfig.epochs}; with --max-time, until it is up]."
+        help=f"Passes over the training windows \\[default: {TrainConfig.epochs}; with --max-time, until it is up]."
     ),
 ]
 CacheOpt = Annotated[str, typer.Option(help="Hold the data in memory: auto (if it fits in 2 GiB), on, off.")]

@@ -341,3 +341,12 @@ def test_a_small_memory_budget_gives_the_same_forecast_and_scores(trained, tmp_p
     for method, values in scores.items():
         for metric, per_lead in values.items():
             assert budgeted_scores[method][metric] == pytest.approx(per_lead, abs=1e-6, nan_ok=True), (method, metric)
+
+
+def test_help_shows_the_defaults_decided_by_the_data():
+    """Rich reads "[...]" as markup: the help's bracketed defaults must be escaped to be shown at all."""
+    text = " ".join(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert "[default: 3 for rain rates" in text and "[default: on for rain rates" in text
+    assert "run 50% of them backwards" in text and "[default: 10; with --max-time" in text
+    text = " ".join(runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert "[default: 1GB, or the smallest tile]" in text
