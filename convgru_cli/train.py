@@ -50,7 +50,7 @@ REVERSED_SHARE = 0.5
 # faded the other radar's rain (bias 0.73 at 30 minutes); at 3, it kept it (1.05).
 RAIN_DISTRIBUTION_WEIGHT = 3.0
 # An epoch's training loss this many times the lowest of the epochs before it: the run has most likely diverged.
-# Two of five 10-minute --loss balanced runs on KNMI did, from about 1.4 to 13 within twenty steps, and never came
+# Three of six 10-minute --loss balanced runs on KNMI did, from about 1.4 to 13 within twenty steps, and never came
 # back: the encoder's unbounded (leaky) states grew at every step (benchmarks/README.md, bench_radar, session 17).
 DIVERGED_FACTOR = 4.0
 
