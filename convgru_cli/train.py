@@ -608,14 +608,15 @@ def _warn_if_diverged(history: list[dict]) -> None:
     """Say so, once, when the last epoch's training loss has risen past DIVERGED_FACTOR times the lowest before
     it: the checkpoints from there on forecast nothing useful, and the run would otherwise go on quietly."""
     losses = [record["train_loss"] for record in history if record["train_loss"] is not None]
-    if len(losses) < 3:
+    if len(losses) < 3 or history[-1]["train_loss"] is None:  # no new loss: nothing new to say
         return
     *before, previous, last = losses
-    if last > DIVERGED_FACTOR * min(*before, previous) and previous <= DIVERGED_FACTOR * min(before):
+    lowest = min(*before, previous)
+    if last > DIVERGED_FACTOR * lowest and previous <= DIVERGED_FACTOR * min(before):
         log.warning(
             "training loss %.4g at step %d is %.0fx the lowest before it (%.4g): the run has likely diverged and "
             "its checkpoints from here on are not worth using; start again with a lower --lr or another --seed",
-            last, history[-1]["step"], last / min(*before, previous), min(*before, previous),
+            last, history[-1]["step"], last / lowest, lowest,
         )  # fmt: skip
 
 
