@@ -90,7 +90,7 @@ def train(
     forecaster: options.ForecasterOpt = "auto",
     epochs: options.EpochsOpt = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per step (per process under torchrun).")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine decay).")] = 2e-3,
+    lr: options.LrOpt = None,
     loss: options.LossOpt = "mse+mae",
     balance_thresholds: Annotated[str, typer.Option(help="--loss balanced: data-unit levels.")] = "2,5,10,30",
     balance_weights: Annotated[

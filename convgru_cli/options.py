@@ -17,7 +17,7 @@ from convgru_cli.device import PRECISIONS
 from convgru_cli.errors import UserError, finite
 from convgru_cli.model import ARCHITECTURES, CELLS, FORECASTER_CHOICES
 from convgru_cli.sources import NAN_POLICIES
-from convgru_cli.train import LOSSES, RAIN_DISTRIBUTION_WEIGHT, REVERSED_SHARE, TrainConfig
+from convgru_cli.train import BALANCED_LR, LOSSES, LR, RAIN_DISTRIBUTION_WEIGHT, REVERSED_SHARE, TrainConfig
 from convgru_cli.transforms import CHOICES as TRANSFORMS
 from convgru_cli.windowing import DataSpec
 
@@ -110,6 +110,14 @@ DistributionWeightOpt = Annotated[
     typer.Option(
         help="Weight of the loss on each frame's sorted values: keeps the observed intensities "
         f"\\[default: {RAIN_DISTRIBUTION_WEIGHT:g} for rain rates, which are modelled in dB; else 0].",
+        show_default=False,
+    ),
+]
+LrOpt = Annotated[
+    float | None,
+    typer.Option(
+        help=f"Peak learning rate (AdamW, warm-up then cosine decay) \\[default: {LR:g}; {BALANCED_LR:g} with --loss "
+        "balanced, which diverged half the time at the higher rate].",
         show_default=False,
     ),
 ]

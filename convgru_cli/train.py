@@ -53,13 +53,17 @@ RAIN_DISTRIBUTION_WEIGHT = 3.0
 # Three of six 10-minute --loss balanced runs on KNMI did, from about 1.4 to 13 within twenty steps, and never came
 # back: the encoder's unbounded (leaky) states grew at every step (benchmarks/README.md, bench_radar, session 17).
 DIVERGED_FACTOR = 4.0
+# Peak learning rates. The balanced loss trains at half the rate: at the full rate three of six 10-minute --loss
+# balanced runs on KNMI diverged, at half none of six did (benchmarks/README.md, bench_radar, sessions 17 and 18).
+LR = 2e-3
+BALANCED_LR = 1e-3
 
 
 @dataclass
 class TrainConfig:
     epochs: int | None = 10  # None: until --max-time is up (what --max-time without --epochs means)
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float | None = None  # None: by the loss (rain_aware)
     weight_decay: float = 0.01
     warmup_steps: int = 50
     loss: str = "mse+mae"
@@ -93,13 +97,13 @@ class TrainConfig:
             raise UserError("--epochs must be at least 1")
         check_batch_size(self.batch_size)
         for option, value in (
-            ("--lr", self.lr),
+            ("--lr", self.lr or 0.0),
             ("--grad-clip", self.grad_clip),
             ("--distribution-weight", self.distribution_weight or 0.0),
             ("--max-time", self.max_time or 0.0),
         ):
             finite(value, option)
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise UserError("--lr must be positive")
         if self.distribution_weight is not None and self.distribution_weight < 0:
             raise UserError(f"--distribution-weight {self.distribution_weight:g}: must be 0 or more")
@@ -122,13 +126,15 @@ class TrainConfig:
 def rain_aware(config: TrainConfig, transform: str) -> TrainConfig:
     """``config`` with the options left to the data (None) decided by it. Rain modelled in dB trains with the
     distribution term and augmented windows: both kept a model trained on one radar's event from fading on
-    another's (benchmarks/README.md, bench_radar: KNMI to RMI and back); other data trains without either."""
+    another's (benchmarks/README.md, bench_radar: KNMI to RMI and back); other data trains without either. The
+    balanced loss, Shi's loss for rain, trains at BALANCED_LR, where it did not diverge."""
     rain = transform == "db"
     weight = config.distribution_weight
     return replace(
         config,
         distribution_weight=(RAIN_DISTRIBUTION_WEIGHT if rain else 0.0) if weight is None else weight,
         augment=rain if config.augment is None else config.augment,
+        lr=(BALANCED_LR if config.loss == "balanced" else LR) if config.lr is None else config.lr,
     )
 
 
@@ -799,10 +805,11 @@ def _log_start(run: Run) -> None:
     held_out = len(run.validation[0][1])
     from_files = sum(len(val_windows) for _, val_windows in run.validation[1:])
     log.info(
-        "training %s parameters, the %s forecaster (--forecaster), on %d windows (%d held out%s) on %s, %s, "
-        "%d process(es); run directory %s",
+        "training %s parameters, the %s forecaster (--forecaster), at a peak learning rate of %g (--lr), on %d "
+        "windows (%d held out%s) on %s, %s, %d process(es); run directory %s",
         f"{count_parameters(run.model):,}",
         run.model_config.forecaster,
+        run.config.lr,
         len(run.train_windows),
         held_out,
         f", {from_files} from --val-data" if run.config.val_data else "",

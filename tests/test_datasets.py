@@ -174,7 +174,9 @@ def test_balanced_loss_trains_on_a_series(series_file, tmp_path):
     assert result.exit_code == 0, result.output
     with h5py.File(series_file) as file:  # rain rates: the anchored forecaster, which --forecaster auto picks
         assert file["frames"].attrs["units"] == "mm/h"
-    assert torch.load(tmp_path / "r" / "best.pt", weights_only=True)["model_config"]["forecaster"] == "anchored"
+    saved = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
+    assert saved["model_config"]["forecaster"] == "anchored"
+    assert saved["train_config"]["lr"] == 1e-3  # the balanced loss's rate, --lr left out
     report = runner.invoke(
         app,
         [

@@ -405,9 +405,13 @@ def test_crops_are_drawn_anew_each_epoch_reproducibly_where_the_signal_is_and_re
 
 
 def test_rain_trains_with_the_distribution_term_and_augmented_windows_unless_told_otherwise(series_file, tmp_path):
-    assert train.rain_aware(train.TrainConfig(), "db") == train.TrainConfig(distribution_weight=3.0, augment=True)
-    assert train.rain_aware(train.TrainConfig(), "none") == train.TrainConfig(distribution_weight=0.0, augment=False)
-    chosen = train.TrainConfig(distribution_weight=0.5, augment=False)
+    rain = train.TrainConfig(distribution_weight=3.0, augment=True, lr=2e-3)
+    assert train.rain_aware(train.TrainConfig(), "db") == rain
+    other = train.TrainConfig(distribution_weight=0.0, augment=False, lr=2e-3)
+    assert train.rain_aware(train.TrainConfig(), "none") == other
+    assert train.rain_aware(train.TrainConfig(loss="balanced"), "db").lr == 1e-3  # half: it diverged at 2e-3
+    assert train.rain_aware(train.TrainConfig(loss="balanced"), "none").lr == 1e-3  # by the loss, whatever the data
+    chosen = train.TrainConfig(distribution_weight=0.5, augment=False, lr=5e-3, loss="balanced")
     assert train.rain_aware(chosen, "db") == chosen
     spec = DataSpec(dataset=None, layout=None, input_frames=3, output_frames=3, stride=4, val_fraction=0.25)
     config = train.TrainConfig(epochs=1, batch_size=2, device="cpu", precision="fp32")  # both left to the data
@@ -415,6 +419,7 @@ def test_rain_trains_with_the_distribution_term_and_augmented_windows_unless_tol
     saved = checkpoint.load(summary["last_checkpoint"])
     assert saved["data_spec"]["transform"] == "db"
     assert saved["train_config"]["distribution_weight"] == 3.0 and saved["train_config"]["augment"] is True
+    assert saved["train_config"]["lr"] == 2e-3
 
 
 def test_augmentation_turns_mirrors_reverses_and_rescales_rain_reproducibly():
