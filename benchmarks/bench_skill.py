@@ -6,7 +6,8 @@ sequences use disjoint digit images (the first 8,000 images and the last 2,000).
 options, so each row is what a user gets from that many minutes. Not a test: CI does not run it.
 
     python benchmarks/bench_skill.py --mnist ../shared/data/mnist/t10k-images-idx3-ubyte.gz \
-        [--budgets 60,120,300,600] [--arch fast] [--forecaster anchored] [--set lr=0.004 --set batch_size=8] [--json]
+        [--budgets 60,120,300,600] [--arch fast] [--forecaster anchored] [--activation tanh] \
+        [--set lr=0.004 --set batch_size=8] [--json]
 
 ``--set`` changes one training option (a TrainConfig field) from its default, to measure an alternative.
 """
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="60,120,300,600", help="training seconds, comma-separated")
     parser.add_argument("--arch", default="fast")
     parser.add_argument("--forecaster", default="auto", help="auto (train's default: shi for digits), anchored or shi")
+    parser.add_argument("--activation", default="auto", help="auto (train's default: leaky for digits), tanh or leaky")
     parser.add_argument("--train-sequences", type=int, default=10000)
     parser.add_argument("--test-sequences", type=int, default=1000)
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", help="a TrainConfig field")
@@ -59,10 +61,10 @@ def main() -> None:
             run_dir = os.path.join(folder, f"run-{budget:g}")
             config = dataclasses.replace(train.TrainConfig(epochs=1000, max_time=budget), **options)
             spec = DataSpec(dataset=None, layout=None, val_fraction=0.05)
-            model_config = make_config(args.arch, 1, forecaster=args.forecaster)
+            model_config = make_config(args.arch, 1, forecaster=args.forecaster, activation=args.activation)
             summary = train.train(train_path, spec, model_config, config, run_dir, show_progress=False)
             saved = torch.load(summary["last_checkpoint"], weights_only=True)
-            last, forecaster = saved["progress"], saved["model_config"]["forecaster"]
+            last, model = saved["progress"], saved["model_config"]
             # the baselines do not depend on the budget: score them once (the optical flow takes minutes)
             report = evaluate_file([test_path], summary["last_checkpoint"], with_baselines=not baselines)
             mean = report["mean"]
@@ -76,7 +78,8 @@ def main() -> None:
             })  # fmt: skip
     result = {
         "arch": args.arch,
-        "forecaster": forecaster,
+        "forecaster": model["forecaster"],
+        "activation": model["activation"],
         "options": args.set,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "rows": rows,
@@ -85,7 +88,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    described = f"arch {args.arch}, {forecaster} forecaster {' '.join(args.set)}"
+    described = f"arch {args.arch}, {model['forecaster']} forecaster, {model['activation']} cells {' '.join(args.set)}"
     print(f"{described}; {result['machine']}; {args.test_sequences} test sequences")
     print("MSE: per-frame sum on [0, 1]")
     print(f"{'budget':>8}{'sequences':>11}{'MSE':>8}{'SSIM':>7}")

@@ -88,6 +88,7 @@ def train(
     arch: options.ArchOpt = "fast",
     cell: options.CellOpt = "convgru",
     forecaster: options.ForecasterOpt = "auto",
+    activation: options.ActivationOpt = "auto",
     epochs: options.EpochsOpt = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per step (per process under torchrun).")] = 8,
     lr: options.LrOpt = None,
@@ -132,7 +133,7 @@ def train(
         summary = training.train(
             o["data"],
             spec,
-            make_config(o["arch"], channels=1, cell=o["cell"], forecaster=o["forecaster"]),
+            make_config(o["arch"], channels=1, cell=o["cell"], forecaster=o["forecaster"], activation=o["activation"]),
             train_config,
             run_dir=out or training.new_run_dir(o["data"][0]),
             force=force,

@@ -25,9 +25,13 @@ TRAJGRU_LINKS = 13  # L, the flow fields each TrajGRU state follows (Shi et al. 
 TRAJGRU_FLOW_FEATURES = 32  # channels of the small network that emits them
 # "anchored": each output frame is the previous one carried along a motion field plus a correction, both
 # predicted on top of a classical motion estimate; "shi": Shi et al.'s forecaster, which redraws every frame
-# from hidden state. "auto" is for train to decide by the data (train.data_aware_forecaster).
+# from hidden state. "auto" is for train to decide by the data (train.data_aware_model).
 FORECASTERS = ("anchored", "shi")
 FORECASTER_CHOICES = ("auto", *FORECASTERS)
+# The cells' candidate activation: "tanh" bounds their states to [-1, 1]; "leaky" (LeakyReLU 0.2, Shi et al.'s)
+# leaves them unbounded. "auto", like the forecaster's, is for train to decide by the data.
+ACTIVATIONS = ("tanh", "leaky")
+ACTIVATION_CHOICES = ("auto", *ACTIVATIONS)
 
 log = logging.getLogger("convgru")
 
@@ -65,8 +69,10 @@ class ModelConfig:
             raise UserError(
                 f"model config: unknown forecaster {self.forecaster!r}; choose one of {', '.join(FORECASTER_CHOICES)}"
             )
-        if self.activation not in ("tanh", "leaky"):
-            raise UserError(f"model config: unknown activation {self.activation!r}; choose tanh or leaky")
+        if self.activation not in ACTIVATION_CHOICES:
+            raise UserError(
+                f"model config: unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATION_CHOICES)}"
+            )
 
     @property
     def size_multiple(self) -> int:
@@ -145,10 +151,14 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
-def make_config(arch: str, channels: int, cell: str = "convgru", forecaster: str = "anchored") -> ModelConfig:
+def make_config(
+    arch: str, channels: int, cell: str = "convgru", forecaster: str = "anchored", activation: str = "leaky"
+) -> ModelConfig:
     if arch not in ARCHITECTURES:
         raise UserError(f"--arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    return ModelConfig(channels=channels, cell=cell, forecaster=forecaster, **ARCHITECTURES[arch])
+    return ModelConfig(
+        channels=channels, cell=cell, forecaster=forecaster, activation=activation, **ARCHITECTURES[arch]
+    )
 
 
 def _activation(name: str, x: Tensor) -> Tensor:
@@ -311,8 +321,11 @@ class EncoderForecaster(nn.Module):
 
     def __init__(self, config: ModelConfig, recompute: bool = False):
         super().__init__()
-        if config.forecaster not in FORECASTERS:
-            raise ValueError(f"forecaster {config.forecaster!r}: train decides it by the data before a model is built")
+        if config.forecaster not in FORECASTERS or config.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"forecaster {config.forecaster!r}, activation {config.activation!r}: train decides 'auto' by the "
+                "data before a model is built"
+            )
         self.config = config
         # Keep only each step's input frame and state for the backward pass and recompute the rest: the unrolled
         # activations dominate training memory.

@@ -15,7 +15,7 @@ import typer
 
 from convgru_cli.device import PRECISIONS
 from convgru_cli.errors import UserError, finite
-from convgru_cli.model import ARCHITECTURES, CELLS, FORECASTER_CHOICES
+from convgru_cli.model import ACTIVATION_CHOICES, ARCHITECTURES, CELLS, FORECASTER_CHOICES
 from convgru_cli.sources import NAN_POLICIES
 from convgru_cli.train import BALANCED_LR, LOSSES, LR, RAIN_DISTRIBUTION_WEIGHT, REVERSED_SHARE, TrainConfig
 from convgru_cli.transforms import CHOICES as TRANSFORMS
@@ -87,6 +87,13 @@ ForecasterOpt = Annotated[
         help=f"{one_of(FORECASTER_CHOICES)}: anchored carries the last frame along its estimated motion and learns "
         "the corrections; shi redraws every frame from hidden state (Shi et al. 2017); auto: anchored for rain and "
         "reflectivity (a --transform other than none), shi for other data such as video."
+    ),
+]
+ActivationOpt = Annotated[
+    str,
+    typer.Option(
+        help=f"{one_of(ACTIVATION_CHOICES)}: the cells' activation; tanh bounds their states, leaky (Shi et al.'s) "
+        "does not; auto: tanh for rain and reflectivity (a --transform other than none), leaky for other data."
     ),
 ]
 TransformOpt = Annotated[

@@ -138,15 +138,20 @@ def rain_aware(config: TrainConfig, transform: str) -> TrainConfig:
     )
 
 
-def data_aware_forecaster(model_config: ModelConfig, transform: str) -> ModelConfig:
-    """``model_config`` with forecaster ``auto`` decided by the data: the anchored forecaster for rain and
-    reflectivity (modelled in a transform), Shi's for other data. Trained on one radar's event, the anchored one
-    beat persistence and extrapolation on another radar's, where Shi's painted storms never observed; on Moving
-    MNIST, digits that bounce and cross defeat motion extrapolation and Shi's is ahead (bench_skill at 10
-    minutes: MSE 102.9 against 130.6; benchmarks/README.md)."""
-    if model_config.forecaster != "auto":
-        return model_config
-    return replace(model_config, forecaster="shi" if transform == "none" else "anchored")
+def data_aware_model(model_config: ModelConfig, transform: str) -> ModelConfig:
+    """``model_config`` with forecaster and activation ``auto`` decided by the data: for rain and reflectivity
+    (modelled in a transform), the anchored forecaster with bounded (tanh) cells; for other data, Shi's forecaster
+    with his leaky cells. Trained on one radar's event, the anchored forecaster beat persistence and extrapolation
+    on another radar's, where Shi's painted storms never observed; with tanh cells it did so at every lead for
+    each of five seeds, where leaky cells' unbounded states let two of five grow the rain past extrapolation's
+    error by 30 minutes. On Moving MNIST, digits that bounce and cross defeat motion extrapolation and Shi's is
+    ahead (bench_skill at 10 minutes: MSE 102.9 against 130.6). See benchmarks/README.md."""
+    rain = transform != "none"
+    if model_config.forecaster == "auto":
+        model_config = replace(model_config, forecaster="anchored" if rain else "shi")
+    if model_config.activation == "auto":
+        model_config = replace(model_config, activation="tanh" if rain else "leaky")
+    return model_config
 
 
 class Interrupted(Exception):
@@ -271,12 +276,17 @@ def saved_options(saved: dict, model_config: ModelConfig) -> dict:
         (
             name
             for name in ARCHITECTURES
-            if make_config(name, model_config.channels, model_config.cell, model_config.forecaster) == model_config
+            if make_config(
+                name, model_config.channels, model_config.cell, model_config.forecaster, model_config.activation
+            )
+            == model_config
         ),
         None,
     )
     options = {**saved["data_spec"], **saved["train_config"]}
-    options.update(arch=arch, cell=model_config.cell, forecaster=model_config.forecaster)
+    options.update(
+        arch=arch, cell=model_config.cell, forecaster=model_config.forecaster, activation=model_config.activation
+    )
     return options
 
 
@@ -410,7 +420,7 @@ def train(
             source.label,
             100 * normalisation.nan_fraction,
         )
-    model_config = replace(data_aware_forecaster(model_config, spec.transform), channels=source.channels)
+    model_config = replace(data_aware_model(model_config, spec.transform), channels=source.channels)
     _check_fits(model_config, data, config.crop)
     if placement.rank == 0:
         _prepare_run_dir(run_dir, force)
@@ -426,9 +436,10 @@ def resume(data_path: str | list[str], run_dir: str, show_progress: bool = True,
     model_config, spec, normalisation = checkpoint.configs(saved)
     if changes.get("transform") == "auto":  # resolved by the data's units when the run began
         changes = {**changes, "transform": transforms.resolve("auto", normalisation.units)}
-    if changes.get("forecaster") == "auto":  # likewise, by the transform
-        auto = replace(model_config, forecaster="auto")
-        changes = {**changes, "forecaster": data_aware_forecaster(auto, spec.transform).forecaster}
+    for name in ("forecaster", "activation"):  # likewise, by the transform
+        if changes.get(name) == "auto":
+            decided = data_aware_model(replace(model_config, **{name: "auto"}), spec.transform)
+            changes = {**changes, name: getattr(decided, name)}
     check_resume_changes(changes, saved_options(saved, model_config))
     new_values = {name: value for name, value in changes.items() if name in RESUME_CHANGES}
     config = TrainConfig(**{**saved["train_config"], **new_values})
@@ -805,10 +816,11 @@ def _log_start(run: Run) -> None:
     held_out = len(run.validation[0][1])
     from_files = sum(len(val_windows) for _, val_windows in run.validation[1:])
     log.info(
-        "training %s parameters, the %s forecaster (--forecaster), at a peak learning rate of %g (--lr), on %d "
-        "windows (%d held out%s) on %s, %s, %d process(es); run directory %s",
+        "training %s parameters, the %s forecaster (--forecaster) with %s cells (--activation), at a peak learning "
+        "rate of %g (--lr), on %d windows (%d held out%s) on %s, %s, %d process(es); run directory %s",
         f"{count_parameters(run.model):,}",
         run.model_config.forecaster,
+        run.model_config.activation,
         run.config.lr,
         len(run.train_windows),
         held_out,

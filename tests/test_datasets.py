@@ -175,7 +175,7 @@ def test_balanced_loss_trains_on_a_series(series_file, tmp_path):
     with h5py.File(series_file) as file:  # rain rates: the anchored forecaster, which --forecaster auto picks
         assert file["frames"].attrs["units"] == "mm/h"
     saved = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
-    assert saved["model_config"]["forecaster"] == "anchored"
+    assert (saved["model_config"]["forecaster"], saved["model_config"]["activation"]) == ("anchored", "tanh")
     assert saved["train_config"]["lr"] == 1e-3  # the balanced loss's rate, --lr left out
     report = runner.invoke(
         app,

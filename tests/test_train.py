@@ -442,16 +442,21 @@ def test_augmentation_turns_mirrors_reverses_and_rescales_rain_reproducibly():
     assert len(draws) > 2  # different steps draw different symmetries
 
 
-def test_auto_forecaster_is_anchored_for_rain_and_reflectivity_and_shis_for_other_data():
-    auto = make_config("fast", 1, forecaster="auto")
-    assert train.data_aware_forecaster(auto, "db").forecaster == "anchored"
-    assert train.data_aware_forecaster(auto, "dbz").forecaster == "anchored"
-    assert train.data_aware_forecaster(auto, "log").forecaster == "anchored"
-    assert train.data_aware_forecaster(auto, "none").forecaster == "shi"
-    chosen = make_config("fast", 1, forecaster="anchored")
-    assert train.data_aware_forecaster(chosen, "none").forecaster == "anchored"
+def test_auto_model_is_anchored_and_bounded_for_rain_and_reflectivity_and_shis_for_other_data():
+    auto = make_config("fast", 1, forecaster="auto", activation="auto")
+    for transform in ("db", "dbz", "log"):
+        decided = train.data_aware_model(auto, transform)
+        assert (decided.forecaster, decided.activation) == ("anchored", "tanh")
+    decided = train.data_aware_model(auto, "none")
+    assert (decided.forecaster, decided.activation) == ("shi", "leaky")
+    chosen = make_config("fast", 1, forecaster="anchored", activation="tanh")
+    assert train.data_aware_model(chosen, "none") == chosen
+    one_chosen = train.data_aware_model(make_config("fast", 1, forecaster="shi", activation="auto"), "db")
+    assert (one_chosen.forecaster, one_chosen.activation) == ("shi", "tanh")
     with pytest.raises(ValueError, match="auto"):
         EncoderForecaster(auto)
+    with pytest.raises(ValueError, match="auto"):
+        EncoderForecaster(make_config("fast", 1, forecaster="anchored", activation="auto"))
 
 
 def test_a_diverging_run_is_told_once(caplog):

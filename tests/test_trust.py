@@ -249,6 +249,10 @@ def test_resume_with_the_original_command_accepts_the_options_it_was_saved_with(
         "2",
         "--arch",
         "fast",
+        "--forecaster",
+        "auto",
+        "--activation",
+        "auto",
         "--out",
         str(tmp_path / "run"),
     ]
@@ -261,6 +265,8 @@ def test_resume_with_the_original_command_accepts_the_options_it_was_saved_with(
         changed.stderr
         == "convgru: error: --resume continues a run as it was saved: --seed 7 (saved: 0) cannot change\n"
     )
+    bounded = runner.invoke(app, [*original, "--activation", "tanh", "--resume", str(tmp_path / "run")])
+    assert bounded.exit_code == 2 and "--activation tanh (saved: leaky) cannot change" in bounded.stderr
     elsewhere = runner.invoke(app, [*original[:-1], str(tmp_path / "other"), "--resume", str(tmp_path / "run")])
     assert elsewhere.exit_code == 2 and "continues the run in its own directory" in elsewhere.stderr
 
