@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -47,8 +48,16 @@ def sum_over_processes(tensor: torch.Tensor, device: torch.device) -> torch.Tens
     return on_device.to(tensor.device)
 
 
+# Seconds between the last collective and tearing the group down. Gloo's worker thread releases a finished
+# collective's tensors after the caller has moved on, and needs the interpreter lock to do so; a DDP wrapper freed
+# in that window joins that thread while holding the lock, and the process hangs (seen under torchrun in tests).
+RELEASE_PAUSE_S = 0.2
+
+
 def finish() -> None:
-    """Wait for every process, then leave the process group (NCCL warns at exit about one left open)."""
+    """Wait for every process, let the last collective be released, then leave the process group (NCCL warns at
+    exit about one left open)."""
     if dist.is_initialized():
         dist.barrier()
+        time.sleep(RELEASE_PAUSE_S)
         dist.destroy_process_group()
