@@ -78,8 +78,8 @@ def test_predict_writes_forecast_file(trained, tmp_path):
         assert file["forecast"].attrs["layout"] == "NTHW"
         assert list(file["lead_times"]) == [1, 2, 3, 4, 5]
         assert file.attrs["input_frames"] == "5..7"
-        assert json.loads(file.attrs["model_config"])["patch"] == 4
         model_config = json.loads(file.attrs["model_config"])
+        assert model_config["patch"] == 4
         assert (model_config["forecaster"], model_config["activation"]) == ("shi", "leaky")  # digits: not rain
         assert np.isfinite(file["forecast"][()]).all()
     again = runner.invoke(
