@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 
 import h5py
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 from convgru_cli import checkpoint
 from convgru_cli.model import EncoderForecaster, make_config
 from convgru_cli.normalisation import Normalisation
+from convgru_cli.train import Progress, TrainConfig
 from convgru_cli.windowing import DataSpec
 
 # OPERA's 2-km grid is 2200×1900; 1900 is not a multiple of the `fast` model's 8, so 2200×1904 stands in for it.
@@ -65,6 +67,8 @@ def write_checkpoint(path: str, height: int, width: int, outputs: int) -> None:
             "model_config": config.to_dict(),
             "data_spec": spec.to_dict(),
             "normalisation": normalisation.to_dict(),
+            "train_config": asdict(TrainConfig()),
+            "progress": asdict(Progress()),
             "model": EncoderForecaster(config).state_dict(),
         },
     )

@@ -22,6 +22,8 @@ log = logging.getLogger("convgru")
 
 FORMAT = "convgru-checkpoint"
 FORMAT_VERSION = 1
+# What predict, evaluate, inspect and resume all read.
+CONTENTS = ("model_config", "data_spec", "normalisation", "train_config", "progress", "model")
 
 
 def save(path: str, contents: dict) -> None:
@@ -44,6 +46,9 @@ def load(path: str, map_location: str | torch.device = "cpu") -> dict:
             f"{path}: checkpoint format {payload.get('format_version')} is not supported by convgru "
             f"{__version__} (which reads format {FORMAT_VERSION})"
         )
+    missing = [key for key in CONTENTS if key not in payload]
+    if missing:
+        raise UserError(f"{path}: a damaged convgru checkpoint, without its {', '.join(missing)}")
     return payload
 
 

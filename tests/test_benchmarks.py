@@ -32,3 +32,14 @@ def test_bench_train_quick_reports_every_figure():
     for row in result["rows"]:
         assert row["train_seq_s"] > 0 and row["infer_seq_s"] > 0
         assert row["train_gflop_per_seq"] > row["infer_gflop_per_seq"] > 0
+
+
+def test_bench_domain_checkpoint_and_series_evaluate(tmp_path):
+    from benchmarks.bench_domain import write_checkpoint, write_series
+    from convgru_cli.evaluate import evaluate_file
+
+    write_series(str(tmp_path / "series.h5"), 32, 32, 13)
+    write_checkpoint(str(tmp_path / "model.pt"), 32, 32, 6)
+    report = evaluate_file([str(tmp_path / "series.h5")], str(tmp_path / "model.pt"), device="cpu")
+    assert report["windows"] == 2 and report["lead_times"] == [1, 2, 3, 4, 5, 6]
+    assert {"model", "persistence", "climatology"} <= set(report["mean"])

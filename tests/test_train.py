@@ -213,6 +213,14 @@ def test_foreign_file_is_refused(tmp_path):
         checkpoint.load(str(tmp_path / "other.pt"))
 
 
+def test_checkpoint_without_a_part_is_refused_naming_it(digits_file, tmp_path):
+    saved = checkpoint.load(_run(digits_file, tmp_path / "run", epochs=1)["last_checkpoint"])
+    del saved["train_config"], saved["normalisation"]
+    checkpoint.save(str(tmp_path / "partial.pt"), saved)
+    with pytest.raises(UserError, match="without its normalisation, train_config$"):
+        checkpoint.load(str(tmp_path / "partial.pt"))
+
+
 def test_failed_write_keeps_the_previous_file(tmp_path):
     from convgru_cli.atomic import write_atomically
 
