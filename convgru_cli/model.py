@@ -1,7 +1,8 @@
 """Convolutional recurrent cells and the encoder–forecaster of Shi et al. (2015, 2017).
 
-The model takes and returns [batch, time, channels, height, width]; inside, the frames of all steps share
-the batch axis, time-major ([time*batch, channels, height, width]). Recurrent state and gate arithmetic stay
+The model takes and returns [batch, time, channels, height, width]. In training, inside, the frames of all
+steps share the batch axis, time-major ([time*batch, channels, height, width]); without gradients it runs one
+step at a time. Recurrent state and gate arithmetic stay
 in float32 even under autocast: only the convolutions run in the low precision, which keeps long unrolls
 stable.
 """
@@ -366,10 +367,17 @@ class EncoderForecaster(nn.Module):
                 nn.init.zeros_(self.refine.bias)
         self.to(memory_format=torch.channels_last)
 
+    # Training runs level by level: the convolutions between levels and into the gates run once over all steps,
+    # and the backward pass keeps their activations anyway. Without gradients (forecasting, validation) nothing
+    # of an earlier step is needed again, so the model runs one step at a time through all levels and holds one
+    # step's activations, not every step's: 0.4 of the memory of a `fast` forecast, a third of a shi-mnist one
+    # (benchmarks/README.md), the same forecast (tests/test_model.py).
     def encode(self, inputs: Tensor) -> list[Tensor]:
         batch, steps = inputs.shape[:2]
         if self.config.patch > 1:
             inputs = F.pixel_unshuffle(inputs, self.config.patch)
+        if not torch.is_grad_enabled():
+            return self._encode_stepwise(inputs)
         outputs = list(inputs.unbind(1))
         states = []
         for down, cell in zip(self.down, self.encoder_cells, strict=True):
@@ -381,6 +389,8 @@ class EncoderForecaster(nn.Module):
     def forecast(self, states: list[Tensor], frames: int, guide: Tensor | None = None) -> Tensor:
         """Unrolls the forecaster from the encoder's ``states``; ``guide`` ([frames*batch, C, H, W], time-major),
         where given, is added to the finest cell's input."""
+        if not torch.is_grad_enabled():
+            return self._forecast_stepwise(states, frames, guide)
         batch = states[0].shape[0]
         x = None
         for level in reversed(range(len(states))):
@@ -389,16 +399,55 @@ class EncoderForecaster(nn.Module):
                 x = guided if x is None else x + guided
             outputs, _ = self._unroll(self.forecaster_cells[level], x, states[level], frames)
             x = self._convolve(self.up[level], outputs)
+        # One copy: to float32, batch-major and contiguous (without copy=True a float32 y would come back as a view).
+        return (
+            self._frame(x)
+            .unflatten(0, (-1, batch))
+            .transpose(0, 1)
+            .to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        )
+
+    def _frame(self, x: Tensor) -> Tensor:
+        """The finest level's upsampled output [N, stem, h, w] -> frames (and, anchored, the motion's change)."""
         y = self.head(x)
         if self.config.patch > 1:
             y = F.pixel_shuffle(y, self.config.patch)
             y = y + self.refine(y)
-        # One copy: to float32, batch-major and contiguous (without copy=True a float32 y would come back as a view).
-        return (
-            y.unflatten(0, (-1, batch))
-            .transpose(0, 1)
-            .to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        )
+        return y
+
+    def _encode_stepwise(self, inputs: Tensor) -> list[Tensor]:
+        """``encode`` one step at a time through all levels, on inputs already folded into patches."""
+        batch, steps = inputs.shape[:2]
+        states: list[Tensor] = []
+        for t in range(steps):
+            x = inputs[:, t]
+            for level, (down, cell) in enumerate(zip(self.down, self.encoder_cells, strict=True)):
+                x = _convolve_steps(down, x)
+                if t == 0:
+                    states.append(_zero_state(x, batch, cell.state_channels))
+                states[level] = _gated_step(cell, x, states[level], state_is_zero=t == 0)
+                x = cell.output(states[level])
+        return states
+
+    def _forecast_stepwise(self, states: list[Tensor], frames: int, guide: Tensor | None) -> Tensor:
+        """``forecast`` one step at a time through all levels, each frame written into the float32 result."""
+        batch, states = states[0].shape[0], list(states)
+        guides = guide.split(batch) if guide is not None else [None] * frames
+        forecast = None
+        for t in range(frames):
+            x = None
+            for level in reversed(range(len(states))):
+                if level == 0 and guide is not None:
+                    guided = _convolve_steps(self.guide, guides[t])
+                    x = guided if x is None else x + guided
+                cell = self.forecaster_cells[level]
+                states[level] = _gated_step(cell, x, states[level], state_is_zero=False)
+                x = _convolve_steps(self.up[level], cell.output(states[level]))
+            frame = self._frame(x)
+            if forecast is None:
+                forecast = frame.new_empty(batch, frames, *frame.shape[1:], dtype=torch.float32)
+            forecast[:, t] = frame
+        return forecast
 
     def _recomputing(self) -> bool:
         return self.recompute and torch.is_grad_enabled()

@@ -152,6 +152,26 @@ def test_each_sequence_of_a_batch_is_forecast_on_its_own(arch, size, recompute, 
     torch.testing.assert_close(together, alone, atol=5e-5, rtol=1e-5)  # float32 sums in another order
 
 
+@pytest.mark.parametrize("forecaster", FORECASTERS)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize(("arch", "size"), [("shi-mnist", 16), ("fast", 32)])
+def test_a_forecast_without_gradients_runs_step_by_step_to_the_same_frames(arch, size, cell, forecaster, monkeypatch):
+    """Without gradients the model runs a step at a time through all levels; in training, level by level. Both
+    give the same forecast, and the stepwise one never convolves more than one step's frames at once."""
+    torch.manual_seed(0)
+    model = _live(EncoderForecaster(make_config(arch, 1, cell, forecaster)))
+    x = torch.randn(2, 4, 1, size, size)
+    level_by_level = model(x, 5).detach()
+    largest_batch = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+            module.register_forward_hook(lambda _m, args, _out: largest_batch.append(args[0].shape[0]))
+    with torch.no_grad():
+        stepwise = model(x, 5)
+    torch.testing.assert_close(stepwise, level_by_level, atol=1e-5, rtol=1e-5)
+    assert max(largest_batch) == 2
+
+
 def test_forecast_length_is_free():
     """The forecaster takes no frames, so any horizon can be asked for, longer than trained included."""
     model = EncoderForecaster(make_config("fast", 1))
