@@ -82,9 +82,9 @@ def measure(command: list[str], env: dict | None = None) -> dict:
     seconds = time.perf_counter() - began
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    user, system, peak_kb = done.stderr.strip().splitlines()[-1].split()  # /usr/bin/time's line, printed last
+    user, system, peak_kib = done.stderr.strip().splitlines()[-1].split()  # /usr/bin/time's line, printed last
     cpu = float(user) + float(system)
-    return {"seconds": seconds, "cpu": cpu, "peak_gb": int(peak_kb) / 1e6, "stdout": done.stdout}
+    return {"seconds": seconds, "cpu": cpu, "peak_gb": int(peak_kib) * 1024 / 1e9, "stdout": done.stdout}
 
 
 def convgru(*args: str) -> list[str]:
