@@ -29,6 +29,12 @@ from convgru_cli.windowing import DataSpec, batches, check_batch_size, stack
 log = logging.getLogger("convgru")
 
 
+# On a CPU a run of the model on more positions of its finest grid (frame pixels / patch²) than this is no faster
+# per sequence, only larger (benchmarks/README.md: 1 to 16 sequences of 256² with `fast`, of 64² with shi-mnist),
+# so sequences are batched up to it there; a GPU gains from larger runs, up to the memory budget.
+CPU_RUN_POSITIONS = 2**14
+
+
 @dataclass
 class Forecaster:
     """A trained model with what it needs to turn raw frames into raw-unit forecasts."""
@@ -138,14 +144,16 @@ class Forecaster:
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor | np.ndarray, frames: int) -> torch.Tensor:
         """Raw input frames [B, T, C, H, W] (tensor or array) -> forecast [B, frames, C, H, W], float32 in data
-        units: as many sequences at a time as fit the memory budget, or one in tiles (tiling.py); probability
-        matched to the last input frame where ``matching`` says so."""
+        units: as many sequences at a time as fit the memory budget (on a CPU, up to ``CPU_RUN_POSITIONS``), or
+        one in tiles (tiling.py); probability matched to the last input frame where ``matching`` says so."""
         inputs = torch.as_tensor(inputs)
         batch, steps, channels, height, width = inputs.shape
         pixels = (self.memory_budget or DEFAULT_BUDGET) // bytes_per_pixel(self.model.config, steps, frames)
         forecast = torch.empty(batch, frames, channels, height, width, device=self.device)
         if height * width <= pixels:
             chunk = max(1, pixels // (height * width))
+            if self.device.type == "cpu":
+                chunk = min(chunk, max(1, CPU_RUN_POSITIONS * self.model.config.patch**2 // (height * width)))
             for first in range(0, batch, chunk):
                 forecast[first : first + chunk] = self._predict(inputs[first : first + chunk], frames)
         else:

@@ -24,20 +24,22 @@ from convgru_cli.motion import MAX_SPEED
 
 BLEND = 16  # pixels over which a tile's weight ramps up beyond its halo
 MOTION_REACH = 16  # the motion search's window and refinement, beyond what the leads travel
-DEFAULT_BUDGET = 10**9  # bytes of one run of the model, by bytes_per_pixel; a 256² evaluation peaks at 1.0-1.1 GB
+DEFAULT_BUDGET = 10**9  # bytes of one run of the model, by bytes_per_pixel
 
 
 def bytes_per_pixel(config: ModelConfig, input_frames: int, frames: int) -> int:
-    """A generous estimate of the memory a forecast takes per pixel of one sequence: per step, the gates and
-    state of every level's cell (float32, at that level's resolution), and the full-resolution frames,
-    extrapolations and motion fields. Measured peaks of the `fast` model (above the process's own, 6 → 6 at
-    256² and 6 → 12 at 512²) are 40-55 % of it."""
-    scale, per_step = config.patch, 0.0
+    """A generous estimate of the memory a forecast takes per pixel of one sequence. Without gradients the model
+    runs a step at a time (model.py), so what it holds of its levels does not grow with the steps: one step's
+    gates, convolutions and states, measured at about 17 float32 copies of every level's hidden channels (at
+    that level's resolution), counted as 20. The full-resolution frames, extrapolations, motion fields and
+    forecast do grow with the steps. Measured peaks (benchmarks/README.md: `fast` 6 → 6 and 6 → 12 at 256² to
+    1024², shi-mnist 10 → 10) are 60-80 % of it."""
+    scale, levels = config.patch, 0.0
     for hidden, stride in zip(config.hidden, config.strides, strict=True):
         scale *= stride
-        per_step += 5 * hidden / scale**2
-    per_step += 4 * config.channels + 4
-    return int(4 * (input_frames + frames) * per_step) + 4 * 64
+        levels += hidden / scale**2
+    per_frame = 4 * config.channels + 4
+    return int(4 * (20 * levels + (input_frames + frames) * per_frame))
 
 
 def halo(frames: int) -> int:
@@ -77,12 +79,13 @@ def predict_tiled(
     multiple: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``run`` (inputs [B, T, C, h, w] -> [B, frames, C, h, w]) over overlapping ``tile``-sized tiles of
-    ``inputs`` [B, T, C, H, W], blended into one forecast [B, frames, C, H, W]: ``out`` where given (the sum
-    is made in it, so the forecast is held once)."""
+    """``run`` (inputs [B, T, C, h, w] -> [B, frames, C, h, w]) over overlapping tiles of ``inputs`` [B, T, C,
+    H, W] of ``tile`` pixels a side at most (``fitted``), blended into one forecast [B, frames, C, H, W]: ``out``
+    where given (the sum is made in it, so the forecast is held once)."""
     height, width = inputs.shape[-2:]
     reach = halo(frames)
     overlap = 2 * reach + BLEND
+    tile = fitted(height, width, tile, overlap, multiple)
     forecast = torch.zeros(inputs.shape[0], frames, inputs.shape[2], height, width) if out is None else out.zero_()
     total = torch.zeros(height, width, device=forecast.device)
     for top, bottom in spans(height, tile, overlap, multiple):
@@ -92,6 +95,20 @@ def predict_tiled(
             forecast[..., top:bottom, left:right] += run(inputs[..., top:bottom, left:right]).to(forecast) * weight
             total[top:bottom, left:right] += weight
     return forecast.div_(total)
+
+
+def fitted(height: int, width: int, tile: int, overlap: int, multiple: int) -> int:
+    """The smallest side (on ``multiple``) that cuts a height × width frame into no more tiles than ``tile``
+    does: every pixel of a tile is forecast, so a tile no larger than its share of the frame wastes least (a
+    1024² frame in four tiles of 736² rather than of 992²)."""
+
+    def count(side: int) -> int:
+        return len(spans(height, side, overlap, multiple)) * len(spans(width, side, overlap, multiple))
+
+    most = count(tile)
+    while tile - multiple > overlap + multiple and count(tile - multiple) <= most:
+        tile -= multiple
+    return tile
 
 
 def smallest_tile(frames: int, multiple: int) -> int:

@@ -218,7 +218,21 @@ def _bad_inputs(tmp_path, trained):
         (["evaluate", short, "--checkpoint", best], "fewer than the 6 needed"),
         (["evaluate", data, "--checkpoint", best, "--thresholds", "a,b"], "--thresholds"),
         (["evaluate", data, "--checkpoint", best, "--memory-budget", "lots"], "--memory-budget lots: expected a size"),
-        (["predict", data, "--checkpoint", best, "-o", str(tmp_path / "o.h5"), "--memory-budget", "1MB"], "too small"),
+        (
+            [
+                "predict",
+                data,
+                "--checkpoint",
+                best,
+                "-o",
+                str(tmp_path / "o.h5"),
+                "--frames",
+                "40",
+                "--memory-budget",
+                "1MB",
+            ],
+            "too small",
+        ),
     ]
     if not _has_cuda():
         cases.append((["train", data, "--device", "cuda"], "CUDA is not available"))
@@ -323,7 +337,7 @@ def test_failed_compilation_in_predict_is_one_clear_error(trained, tmp_path):
 
 
 def test_a_small_memory_budget_gives_the_same_forecast_and_scores(trained, tmp_path):
-    """At 2 MB the model runs on the 32² digits one sequence at a time."""
+    """At 2 MB the model runs on the 32² digits three sequences at a time, not all of a batch at once."""
     best = str(trained / "runs" / "r" / "best.pt")
     outputs = {}
     for budget in ([], ["--memory-budget", "2MB"]):

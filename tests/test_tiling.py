@@ -8,7 +8,7 @@ from convgru_cli.forecast import Forecaster
 from convgru_cli.model import EncoderForecaster, make_config
 from convgru_cli.normalisation import Normalisation
 from convgru_cli.options import memory_budget
-from convgru_cli.tiling import BLEND, halo, predict_tiled, ramp, smallest_tile, spans
+from convgru_cli.tiling import BLEND, fitted, halo, predict_tiled, ramp, smallest_tile, spans
 from convgru_cli.windowing import DataSpec
 
 
@@ -34,6 +34,19 @@ def test_tiles_cover_the_axis_overlapping_by_the_halo_and_the_blend(length):
     for start, stop in found:
         total[start:stop] += ramp(length, start, stop, reach)
     assert float(total.min()) > 0
+
+
+@pytest.mark.parametrize(("height", "width", "tile"), [(1024, 1024, 992), (768, 704, 712), (4400, 3800, 880)])
+def test_tiles_are_cut_no_larger_than_their_share_of_the_frame(height, width, tile):
+    overlap, multiple = 2 * halo(12) + BLEND, 8
+
+    def count(side):
+        return len(spans(height, side, overlap, multiple)) * len(spans(width, side, overlap, multiple))
+
+    side = fitted(height, width, tile, overlap, multiple)
+    assert side <= tile and side % multiple == 0
+    assert count(side) == count(tile) < count(side - multiple)
+    assert fitted(1024, 1024, 992, overlap, multiple) == 736  # four tiles either way, of 0.54 the pixels
 
 
 def _forecaster(budget: int | None = None) -> Forecaster:
@@ -71,12 +84,35 @@ def test_tiled_forecast_has_no_seams_and_matches_the_whole_frame():
     assert float(difference.max()) < 1e-3 * float(whole.abs().max())
 
 
-def test_the_budget_chooses_chunks_of_sequences_or_tiles_and_refuses_what_cannot_fit():
+def test_the_budget_chooses_chunks_of_sequences_or_tiles_and_refuses_what_cannot_fit(monkeypatch):
     inputs = _moving_blobs(64, 4).expand(3, -1, -1, -1, -1)
     whole = _forecaster()._predict(inputs, 3)
-    chunked = _forecaster(budget=75 * 10**5).predict(inputs, 3)  # one sequence at a time
+    runs = []
+    original = Forecaster._predict
+    monkeypatch.setattr(
+        Forecaster, "_predict", lambda self, x, frames: runs.append(x.shape) or original(self, x, frames)
+    )
+    chunked = _forecaster(budget=3 * 10**6).predict(inputs, 3)
     assert torch.allclose(chunked, whole, atol=1e-5)
-    tiled = _forecaster(budget=12 * 10**7).predict(_moving_blobs(320, 4), 3)  # 304² tiles, the smallest
+    assert [shape[0] for shape in runs] == [1, 1, 1]  # a sequence of 64² takes 2.7 MB by bytes_per_pixel
+    runs.clear()
+    tiled = _forecaster(budget=62 * 10**6).predict(_moving_blobs(320, 4), 3)
     assert tiled.shape == (1, 3, 1, 320, 320) and bool(torch.isfinite(tiled).all())
+    # The budget allows the smallest tiles, 304²; the 2 x 2 that cover 320² need no more than 240².
+    assert {shape[-2:] for shape in runs} == {(240, 240)} and len(runs) == 4
     with pytest.raises(UserError, match="--memory-budget 1MB: too small for tiles"):
         _forecaster(budget=10**6).predict(inputs, 3)
+
+
+def test_a_cpu_batches_sequences_up_to_its_run_size_however_large_the_budget(monkeypatch):
+    import convgru_cli.forecast as forecast
+
+    inputs = _moving_blobs(64, 4).expand(5, -1, -1, -1, -1)  # 16² positions of the `fast` model's grid each
+    runs = []
+    original = Forecaster._predict
+    monkeypatch.setattr(
+        Forecaster, "_predict", lambda self, x, frames: runs.append(x.shape[0]) or original(self, x, frames)
+    )
+    monkeypatch.setattr(forecast, "CPU_RUN_POSITIONS", 2 * 16**2)
+    _forecaster(budget=10**10).predict(inputs, 3)
+    assert runs == [2, 2, 1]
