@@ -155,7 +155,7 @@ def test_each_sequence_of_a_batch_is_forecast_on_its_own(arch, size, recompute, 
 @pytest.mark.parametrize("forecaster", FORECASTERS)
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize(("arch", "size"), [("shi-mnist", 16), ("fast", 32)])
-def test_a_forecast_without_gradients_runs_step_by_step_to_the_same_frames(arch, size, cell, forecaster, monkeypatch):
+def test_a_forecast_without_gradients_runs_step_by_step_to_the_same_frames(arch, size, cell, forecaster):
     """Without gradients the model runs a step at a time through all levels; in training, level by level. Both
     give the same forecast, and the stepwise one never convolves more than one step's frames at once."""
     torch.manual_seed(0)

@@ -72,6 +72,16 @@ def _moving_blobs(size: int, steps: int) -> torch.Tensor:
     return torch.stack(frames)[None, :, None]
 
 
+def _recorded_runs(monkeypatch) -> list[torch.Size]:
+    """The input shape of every run of the network that Forecaster.predict makes, in order."""
+    runs = []
+    original = Forecaster._predict
+    monkeypatch.setattr(
+        Forecaster, "_predict", lambda self, x, frames: runs.append(x.shape) or original(self, x, frames)
+    )
+    return runs
+
+
 def test_tiled_forecast_has_no_seams_and_matches_the_whole_frame():
     forecaster, frames = _forecaster(), 3
     inputs = _moving_blobs(448, 4)
@@ -87,11 +97,7 @@ def test_tiled_forecast_has_no_seams_and_matches_the_whole_frame():
 def test_the_budget_chooses_chunks_of_sequences_or_tiles_and_refuses_what_cannot_fit(monkeypatch):
     inputs = _moving_blobs(64, 4).expand(3, -1, -1, -1, -1)
     whole = _forecaster()._predict(inputs, 3)
-    runs = []
-    original = Forecaster._predict
-    monkeypatch.setattr(
-        Forecaster, "_predict", lambda self, x, frames: runs.append(x.shape) or original(self, x, frames)
-    )
+    runs = _recorded_runs(monkeypatch)
     chunked = _forecaster(budget=3 * 10**6).predict(inputs, 3)
     assert torch.allclose(chunked, whole, atol=1e-5)
     assert [shape[0] for shape in runs] == [1, 1, 1]  # a sequence of 64² takes 2.7 MB by bytes_per_pixel
@@ -108,11 +114,7 @@ def test_a_cpu_batches_sequences_up_to_its_run_size_however_large_the_budget(mon
     import convgru_cli.forecast as forecast
 
     inputs = _moving_blobs(64, 4).expand(5, -1, -1, -1, -1)  # 16² positions of the `fast` model's grid each
-    runs = []
-    original = Forecaster._predict
-    monkeypatch.setattr(
-        Forecaster, "_predict", lambda self, x, frames: runs.append(x.shape[0]) or original(self, x, frames)
-    )
+    runs = _recorded_runs(monkeypatch)
     monkeypatch.setattr(forecast, "CPU_RUN_POSITIONS", 2 * 16**2)
     _forecaster(budget=10**10).predict(inputs, 3)
-    assert runs == [2, 2, 1]
+    assert [shape[0] for shape in runs] == [2, 2, 1]
