@@ -180,7 +180,9 @@ class Forecaster:
                 f"--memory-budget {_size(self.memory_budget)}: too small for tiles of {smallest}x{smallest} pixels, "
                 f"the smallest that keep a halo for {frames} lead times; give at least {_size(needed)}"
             )
-        log.info("tiles of %dx%d pixels take about %.1f GB (--memory-budget)", smallest, smallest, needed / 1e9)
+        log.info(
+            "tiles of up to %dx%d pixels take about %.1f GB at most (--memory-budget)", smallest, smallest, needed / 1e9
+        )
         return smallest
 
     def _predict(self, inputs: torch.Tensor, frames: int) -> torch.Tensor:
